@@ -1,0 +1,45 @@
+# dflash-offline: `make help` lists the targets. Every target that needs Python depends on `setup`,
+# so `make demo` and `make test` work as the first command on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORK ?= work
+NGPU ?= 1
+CACHE ?= $(WORK)/demo/cache
+CONF ?= tiny
+DATA ?=
+OUT ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-all demo inspect extract train bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# The torch + torchvision pair that installs offline here; a bare `torch` would fetch another multi-GB build.
+	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project (idempotent)
+
+test: setup ## run the fast test suite (CPU)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup ## run every CPU test, slow ones included
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+demo: setup ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
+	$(PY) -m tools.demo --work $(WORK)/demo
+
+inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
+	$(PY) -m tools.inspect_cache $(CACHE) $(ARGS)
+
+bench: setup ## run the benchmarks under bench/ (results go in BENCHMARKS.md)
+	$(PY) bench/cache_bench.py $(ARGS)
+
+clean: ## remove run outputs (not the venv)
+	rm -rf $(WORK) outputs multirun

@@ -1,0 +1,26 @@
+"""Small builders shared by tests: random cache samples and manifests."""
+
+import numpy as np
+import torch
+
+from cache_schema import Manifest, Sample, StorageInfo, TargetInfo
+
+
+def make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=300, hidden_dtype="bf16", chunk_tokens=64,
+                  compression="none", name="tiny-target") -> Manifest:
+    target = TargetInfo(name_or_path=name, model_type="qwen3", num_hidden_layers=8, hidden_size=hidden_size,
+                        vocab_size=vocab, fingerprint=f"fp-{name}-{hidden_size}")
+    return Manifest(target=target, target_layer_ids=list(layers),
+                    storage=StorageInfo(hidden_dtype=hidden_dtype, chunk_tokens=chunk_tokens,
+                                        compression=compression), tokenizer_fingerprint="tok")
+
+
+def make_sample(key: str, length: int, manifest: Manifest, seed: int) -> Sample:
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    hidden = torch.randn(length, manifest.num_layers, manifest.target.hidden_size, generator=g) * 3
+    hidden[:, :, 0] *= 40  # outlier channels, as real residual streams have
+    positions = np.tile(np.arange(length, dtype=np.int32), (3, 1))
+    return Sample(key=key, input_ids=rng.integers(0, manifest.target.vocab_size, length).astype(np.int32),
+                  loss_mask=rng.random(length) < 0.5, position_ids=positions,
+                  hidden_TLH=hidden.to(torch.bfloat16), meta={"num_image_tokens": int(rng.integers(0, 9))})

@@ -1,0 +1,137 @@
+"""Inspect a dflash-offline cache.
+
+    python -m tools.inspect_cache PATH_OR_URL [--verify] [--sample K] [--plot FILE.png] [--json]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from cache_schema import CacheReader, verify
+from cache_schema.layout import SUMMARY, TOKENIZER_DIR
+from cache_schema.storage import Location
+
+# Bytes one token takes before compression: ids (4), mask (1), positions (12), and the hidden rows.
+TOKEN_ROW_BYTES = 4 + 1 + 12
+
+
+def summary(reader: CacheReader) -> dict:
+    m = reader.manifest
+    stats = reader.stats
+    hidden_bytes = m.num_layers * m.target.hidden_size * (2 if m.storage.hidden_dtype == "bf16" else 1)
+    if m.storage.hidden_dtype != "bf16":
+        hidden_bytes += 4 * m.num_layers
+    on_disk = reader.loc.du()
+    tokens = max(stats["tokens"], 1)
+    raw = stats["tokens"] * (hidden_bytes + TOKEN_ROW_BYTES)
+    out = {
+        "url": reader.loc.url, "schema_version": m.schema_version,
+        "target": m.target.name_or_path, "model_type": m.target.model_type,
+        "hidden_size": m.target.hidden_size, "vocab_size": m.target.vocab_size,
+        "target_layer_ids": m.target_layer_ids, "layer_convention": m.layer_convention,
+        "storage": vars(m.storage), **stats,
+        "supervised_fraction": stats["supervised_tokens"] / tokens,
+        "bytes_on_disk": on_disk, "bytes_per_token": on_disk / tokens,
+        "compression_ratio": raw / max(on_disk, 1),
+    }
+    if reader.loc.exists(SUMMARY):
+        run = reader.loc.read_json(SUMMARY)
+        out["skipped"] = run.get("skipped", {})
+    return out
+
+
+def load_tokenizer(reader: CacheReader):
+    from transformers import AutoTokenizer
+
+    # Local directories only: inspection must never reach out to a hub.
+    candidates = [reader.manifest.target.name_or_path]
+    if not reader.loc.is_url:
+        candidates.insert(0, reader.loc.path(TOKENIZER_DIR))
+    for source in candidates:
+        if os.path.isdir(source):
+            return AutoTokenizer.from_pretrained(source)
+    return None
+
+
+def render_sample(reader: CacheReader, index: int, tokenizer=None) -> str:
+    """The conversation with supervised spans in [[...]] and runs of image tokens collapsed to <image xN>."""
+    sample = reader[index]
+    image_ids = {v for k, v in reader.manifest.special_tokens.items() if k in ("image_token_id", "video_token_id")}
+    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else (lambda ids: " ".join(map(str, ids)) + " ")
+    parts, i, ids, mask = [], 0, sample.input_ids.tolist(), sample.loss_mask
+    while i < len(ids):
+        j = i
+        if ids[i] in image_ids:
+            while j < len(ids) and ids[j] == ids[i]:
+                j += 1
+            parts.append(f"<image x{j - i}>")
+        else:
+            while j < len(ids) and ids[j] not in image_ids and mask[j] == mask[i]:
+                j += 1
+            text = decode(ids[i:j])
+            parts.append(f"[[{text}]]" if mask[i] else text)
+        i = j
+    header = (f"sample {index} key={sample.key} tokens={len(sample)} supervised={int(mask.sum())} "
+              f"meta={json.dumps(sample.meta)}")
+    return header + "\n" + "".join(parts)
+
+
+def plot(reader: CacheReader, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = reader.lengths()
+    fractions = []
+    for shard in reader.shards:
+        mask = reader.read(shard, "loss_mask")
+        off = reader.offsets(shard)
+        fractions += [mask[a:b].mean() if b > a else 0.0 for a, b in zip(off[:-1], off[1:])]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.hist(lengths, bins=40, color="tab:blue")
+    a.set(title=f"sample length ({len(lengths)} samples)", xlabel="tokens", ylabel="samples")
+    b.hist(fractions, bins=40, range=(0, 1), color="tab:green")
+    b.set(title="supervised fraction per sample", xlabel="loss-mask tokens / tokens")
+    fig.tight_layout()
+    with Location(path).fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cache")
+    parser.add_argument("--verify", action="store_true", help="read and check every chunk")
+    parser.add_argument("--sample", type=int, action="append", default=[], help="print sample K decoded")
+    parser.add_argument("--plot", help="write length and supervised-fraction histograms to this PNG")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+
+    reader = CacheReader(args.cache)
+    info = summary(reader)
+    if args.verify:
+        info["verify"] = verify(args.cache, progress=not args.json)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            if isinstance(value, float):
+                value = f"{value:.4g}"
+            print(f"{key:<{width}}  {value}")
+    if args.sample:
+        tokenizer = load_tokenizer(reader)
+        for k in args.sample:
+            print("\n" + render_sample(reader, k, tokenizer))
+    if args.plot:
+        plot(reader, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Build small random-weight targets of every supported family from the real transformers classes.
+
+Each target is a directory that loads with `from_pretrained` / `AutoProcessor.from_pretrained`, so tests and
+the demo exercise the same code path as a real checkpoint. Output is deterministic for a given seed.
+
+    python -m tools.tiny_targets OUT_DIR [--families qwen3_vl qwen3 ...]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+from tools.corpus import training_text
+
+FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen3")
+VISION_FAMILIES = FAMILIES[:4]
+BPE_VOCAB = 640
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+THINK_TOKENS = ["<think>", "</think>"]
+
+# Jinja chat template in the Qwen layout. `think_style` decides what the generation prompt opens with:
+# Qwen3.5 thinks unless told not to, Qwen3 text only closes an empty think block when thinking is off.
+_TEMPLATE = """{%- for message in messages %}
+{{- '<|im_start|>' + message['role'] + '\\n' }}
+{%- if message['content'] is string %}{{- message['content'] }}
+{%- else %}{%- for part in message['content'] %}
+{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif part['type'] == 'video' %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}
+{%- endfor %}{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+THINK_BLOCK
+{%- endif %}"""
+_THINK_BLOCKS = {
+    "none": "",
+    "opt_out": "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
+    "default_on": "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}",
+}
+THINK_STYLE = {"qwen3_vl": "none", "qwen3_vl_moe": "none", "qwen3_5": "default_on",
+               "qwen3_5_moe": "default_on", "qwen3": "opt_out"}
+
+
+def chat_template(family: str) -> str:
+    return _TEMPLATE.replace("THINK_BLOCK", _THINK_BLOCKS[THINK_STYLE[family]])
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE trained on the toy corpus, with the Qwen pre-tokenizer and special tokens."""
+    reference = Qwen2Tokenizer()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(training_text(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.add_tokens(THINK_TOKENS)
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def padded_vocab(tok) -> int:
+    # Leave unused slots after the tokenizer's ids, as real Qwen checkpoints do: the mask token lives there.
+    return (len(tok) + 16 + 63) // 64 * 64
+
+
+def _vision_config(family: str, text_hidden: int) -> dict:
+    cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_hidden,
+               num_position_embeddings=64)
+    if family.startswith("qwen3_vl"):
+        cfg["deepstack_visual_indexes"] = [0, 1]
+    return cfg
+
+
+def _text_config(family: str, vocab: int, special: dict) -> dict:
+    cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, **special)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    elif family in ("qwen3_5", "qwen3_5_moe"):
+        # partial_rotary_factor 0.25 of head_dim 32 -> 8 rotary dims -> 4 frequency pairs split over 3 axes.
+        cfg.update(head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                   linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=4)
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10_000_000.0,
+                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                  "mrope_interleaved": True}
+    else:
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if family.endswith("_moe"):
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "qwen3_5_moe":
+            cfg["shared_expert_intermediate_size"] = 32
+    return cfg
+
+
+def build_config(family: str, tok):
+    vocab = padded_vocab(tok)
+    special = dict(eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                   pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    text = _text_config(family, vocab, special)
+    if family == "qwen3":
+        return AutoConfig.for_model("qwen3", **text)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    return AutoConfig.for_model(family, text_config=text,
+                                vision_config=_vision_config(family, text["hidden_size"]),
+                                tie_word_embeddings=False, **ids)
+
+
+def build_processor(family: str, tok):
+    tok.chat_template = chat_template(family)
+    if family not in VISION_FAMILIES:
+        return tok
+    pixels = dict(shortest_edge=32 * 32, longest_edge=128 * 128)
+    image = Qwen2VLImageProcessor(size=pixels, patch_size=16, temporal_patch_size=2, merge_size=2)
+    video = Qwen3VLVideoProcessor(size=pixels, patch_size=16, temporal_patch_size=2, merge_size=2)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                            chat_template=chat_template(family))
+
+
+def build_target(family: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write one tiny target of `family` to `out_dir/family` and return that path."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    path = Path(out_dir) / family
+    tok = build_tokenizer()
+    config = build_config(family, tok)
+    torch.manual_seed(seed)
+    auto = AutoModelForCausalLM if family == "qwen3" else AutoModelForImageTextToText
+    model = auto.from_config(config, dtype=torch.float32)
+    # Random init at std 0.02 gives near-uniform logits; a larger scale makes greedy outputs vary by input,
+    # so regeneration tests compare real decisions rather than ties.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    model.generation_config.eos_token_id = config.get_text_config().eos_token_id
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    model.save_pretrained(path)
+    build_processor(family, tok).save_pretrained(path)
+    return path
+
+
+def mask_token_id(path: Path) -> int:
+    """First vocabulary slot past the tokenizer's ids (the tiny analogue of Qwen's 151669)."""
+    return len(Qwen2Tokenizer.from_pretrained(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for family in args.families:
+        print(f"{family}: {build_target(family, args.out_dir, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
