@@ -11,8 +11,10 @@ DATA ?=
 OUT ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
+LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup test test-all demo inspect extract train bench clean
+.PHONY: help setup test test-all demo inspect extract bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +39,10 @@ demo: setup ## whole pipeline on a tiny target and generated shards, under $(WOR
 
 inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
 	$(PY) -m tools.inspect_cache $(CACHE) $(ARGS)
+
+extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.tar' CONF=qwen3vl30b OUT=cache/x [NGPU=8]
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make extract DATA='shards/x-{000000..000009}.tar' CONF=target OUT=cache_dir"; exit 2; }
+	$(LAUNCH) -m extract target=$(CONF) "data.shards='$(DATA)'" out=$(OUT) $(ARGS)
 
 bench: setup ## run the benchmarks under bench/ (results go in BENCHMARKS.md)
 	$(PY) bench/cache_bench.py $(ARGS)

@@ -60,7 +60,7 @@ class TargetInfo:
 class StorageInfo:
     hidden_dtype: str = "bf16"
     chunk_tokens: int = 256
-    compression: str = "none"
+    compression: str = "zstd"  # bench/cache_bench.py: 0.80x the bytes of raw bf16 at 0.81x the read speed
 
 
 @dataclass

@@ -40,11 +40,12 @@ class CacheReader:
         self._groups: dict = {}
         self._offsets: dict = {}
         self._metas: dict = {}
+        self._arrays: dict = {}
 
     def __getstate__(self):
         # Zarr handles do not travel to DataLoader workers; each worker reopens what it reads.
         state = self.__dict__.copy()
-        state["_groups"], state["_offsets"], state["_metas"] = {}, {}, {}
+        state["_groups"], state["_offsets"], state["_metas"], state["_arrays"] = {}, {}, {}, {}
         return state
 
     def _marker(self, name: str) -> dict:
@@ -59,9 +60,11 @@ class CacheReader:
     def read(self, shard: str, array: str, sel=slice(None)) -> np.ndarray:
         """Read `array[sel]` of a shard; any decoding or checksum failure names the shard and array."""
         try:
-            if shard not in self._groups:
-                self._groups[shard] = self.loc.open_shard(shard, mode="r")
-            return self._groups[shard][array][sel]
+            if (shard, array) not in self._arrays:
+                if shard not in self._groups:
+                    self._groups[shard] = self.loc.open_shard(shard, mode="r")
+                self._arrays[shard, array] = self._groups[shard][array]
+            return self._arrays[shard, array][sel]
         except Exception as e:  # zarr raises ValueError, KeyError, JSON and codec errors alike
             raise CacheCorruptionError(f"shard {shard}, array {array}: {type(e).__name__}: {e}") from e
 

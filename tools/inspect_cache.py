@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from cache_schema import CacheReader, verify
-from cache_schema.layout import SUMMARY, TOKENIZER_DIR
+from cache_schema.layout import SHARDS_DIR, SUMMARY, TOKENIZER_DIR
 from cache_schema.storage import Location
 
 # Bytes one token takes before compression: ids (4), mask (1), positions (12), and the hidden rows.
@@ -24,7 +24,7 @@ def summary(reader: CacheReader) -> dict:
     hidden_bytes = m.num_layers * m.target.hidden_size * (2 if m.storage.hidden_dtype == "bf16" else 1)
     if m.storage.hidden_dtype != "bf16":
         hidden_bytes += 4 * m.num_layers
-    on_disk = reader.loc.du()
+    on_disk, shard_bytes = reader.loc.du(), reader.loc.du(SHARDS_DIR)
     tokens = max(stats["tokens"], 1)
     raw = stats["tokens"] * (hidden_bytes + TOKEN_ROW_BYTES)
     out = {
@@ -34,8 +34,8 @@ def summary(reader: CacheReader) -> dict:
         "target_layer_ids": m.target_layer_ids, "layer_convention": m.layer_convention,
         "storage": vars(m.storage), **stats,
         "supervised_fraction": stats["supervised_tokens"] / tokens,
-        "bytes_on_disk": on_disk, "bytes_per_token": on_disk / tokens,
-        "compression_ratio": raw / max(on_disk, 1),
+        "bytes_on_disk": on_disk, "bytes_per_token": shard_bytes / tokens,
+        "compression_ratio": raw / max(shard_bytes, 1),
     }
     if reader.loc.exists(SUMMARY):
         run = reader.loc.read_json(SUMMARY)

@@ -1,0 +1,19 @@
+"""`python -m extract out=CACHE data.shards='shards/train-{000000..000009}.tar' target=tiny_qwen3_vl ...`"""
+
+import logging
+
+import hydra
+from omegaconf import OmegaConf
+
+from extract.config import ExtractConfig  # noqa: F401  (registers the schema)
+from extract.run import run
+
+
+@hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
+def main(cfg) -> None:
+    logging.getLogger("extract").setLevel(logging.INFO)
+    run(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Per-sample conversation formats, normalised to chat messages with image parts in placeholder order.
+
+Accepted: LLaVA `conversations` (`from: human/gpt/system`, `<image>` placeholders), chat `messages` (string
+content or lists of `{type: image}` / `{type: text}` parts) and text-only variants of both. Problems raise
+`SkipSample` with a reason that the run counts; nothing here touches the model.
+"""
+
+import io
+import json
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Conversation:
+    key: str
+    source: str
+    messages: list[dict]  # {"role", "content": [{"type": "text"|"image", ...}]}
+    images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def assistant_turns(self) -> list[int]:
+        return [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on white rather than dropped to black."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.split()[-1])
+        return canvas
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types for truncated or garbage bytes
+        raise SkipSample("corrupt_image", f"{name}: {e}") from e
+    return to_rgb(img)
+
+
+def _split_placeholders(text: str) -> list[dict]:
+    pieces = text.split("<image>")
+    parts = []
+    for i, chunk in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+        if len(pieces) > 1:
+            chunk = chunk.strip("\n")
+        if chunk:
+            parts.append({"type": "text", "text": chunk})
+    return parts
+
+
+def _llava(turns: list) -> list[dict]:
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SkipSample("unknown_format", "conversations entries need 'from' and 'value'")
+        role = ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise SkipSample("unknown_format", f"unknown speaker {turn['from']!r}")
+        messages.append({"role": role, "content": _split_placeholders(str(turn["value"]))})
+    return messages
+
+
+def _chat(items: list) -> list[dict]:
+    messages = []
+    for m in items:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise SkipSample("unknown_format", "messages entries need a role of system/user/assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = _split_placeholders(content)
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind in ("image", "image_url"):
+                    parts.append({"type": "image"})
+                elif kind == "text":
+                    parts.append({"type": "text", "text": str(p.get("text", ""))})
+                else:
+                    raise SkipSample("unknown_format", f"content part of type {kind!r}")
+        else:
+            raise SkipSample("unknown_format", "message content must be a string or a list of parts")
+        messages.append({"role": m["role"], "content": parts})
+    return messages
+
+
+def image_names(record: dict, meta: dict) -> list[str]:
+    """Extensions in the sample that hold its images, in placeholder order."""
+    listed = meta.get("images", meta.get("image"))
+    if isinstance(listed, str):
+        listed = [listed]
+    if listed:
+        return [n if n in record else n.rsplit("/", 1)[-1] for n in listed]
+    return sorted(k for k in record if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+
+
+def parse_sample(record: dict, source: str, fmt: str = "auto") -> Conversation:
+    """A raw webdataset record (`__key__`, `json`, image bytes by extension) -> Conversation."""
+    key = record.get("__key__", "?")
+    raw = record.get("json")
+    if raw is None:
+        raise SkipSample("invalid_json", "no .json member")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipSample("invalid_json", str(e)) from e
+    if not isinstance(meta, dict):
+        raise SkipSample("unknown_format", "top-level json is not an object")
+    if fmt in ("auto", "llava") and isinstance(meta.get("conversations"), list):
+        messages = _llava(meta["conversations"])
+    elif fmt in ("auto", "messages") and isinstance(meta.get("messages"), list):
+        messages = _chat(meta["messages"])
+    else:
+        raise SkipSample("unknown_format", f"no {'conversations or messages' if fmt == 'auto' else fmt} list")
+    messages = [m for m in messages if m["content"] or m["role"] == "assistant"]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SkipSample("no_assistant_turn")
+    if messages[0]["role"] == "assistant":
+        raise SkipSample("unknown_format", "conversation starts with an assistant turn")
+
+    wanted = sum(p["type"] == "image" for m in messages for p in m["content"])
+    names = image_names(record, meta)
+    if wanted == 0 and names and meta.get("images", meta.get("image")):
+        # Listed images without placeholders: the LLaVA convention puts them before the first question.
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"][:0] = [{"type": "image"} for _ in names]
+        wanted = len(names)
+    if wanted > len(names):
+        raise SkipSample("image_count_mismatch", f"{wanted} <image> placeholders, {len(names)} images")
+    missing = [n for n in names[:wanted] if n not in record]
+    if missing:
+        raise SkipSample("missing_image", ", ".join(missing))
+    images = [decode_image(record[n], n) for n in names[:wanted]]
+    return Conversation(key=key, source=source, messages=messages, images=images)

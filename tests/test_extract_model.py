@@ -1,0 +1,119 @@
+"""Extraction against Hugging Face's own outputs, on every tiny target family in fp32."""
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from cache_schema.codecs import bf16_to_words
+from extract.capture import capture
+from extract.formats import parse_sample
+from extract.regenerate import _answer_text, build_sequences, encode, generate, render
+from extract.target import SUPPRESSED_TOKENS, check_layer_ids, default_layer_ids, load_target
+from tools.tiny_targets import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def convs(demo_shards):
+    records = list(wds.WebDataset([str(demo_shards[0])], shardshuffle=False, empty_check=False))
+    return [parse_sample(r, source="demo") for r in records]
+
+
+def test_default_layer_ids_follow_the_design_rule():
+    assert default_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B
+    assert default_layer_ids(48, 5, start=3) == [3, 14, 24, 35, 45]  # Qwen3-VL-30B-A3B after deepstack
+    assert default_layer_ids(8, 3, start=2) == [2, 4, 5]
+
+
+@pytest.mark.parametrize("ids, match", [([1, 8], "out of range"), ([1, 7], "last layer"), ([3, 2], "increasing"),
+                                        ([-1, 2], "out of range"), ([], "empty")])
+def test_invalid_layer_ids_are_refused(ids, match):
+    with pytest.raises(ValueError, match=match):
+        check_layer_ids(ids, num_layers=8, deepstack=0)
+
+
+def test_deepstack_layer_ids_warn():
+    with pytest.warns(UserWarning, match="deepstack"):
+        check_layer_ids([1, 4], num_layers=8, deepstack=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targets, convs):
+    target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
+    layer_ids = [0, 2, 3, 6] if not family.startswith("qwen3_vl") else [2, 3, 6]
+    seqs = build_sequences(target, convs[:4], regenerate=True, max_new_tokens=12, max_length=4096)
+    for seq in seqs:
+        sample = capture(target, seq, layer_ids)
+        with torch.no_grad():
+            out = target.model(**seq.inputs, output_hidden_states=True)
+        for j, layer in enumerate(layer_ids):
+            ref = out.hidden_states[layer + 1][0]
+            assert ref.shape == sample.hidden_TLH[:, j].shape
+            np.testing.assert_array_equal(bf16_to_words(sample.hidden_TLH[:, j]), bf16_to_words(ref))
+        # the fp32 capture itself, before bf16 storage
+        with target.capture(layer_ids) as captured, torch.no_grad():
+            target.model(**seq.inputs)
+        for layer in layer_ids:
+            diff = (captured[layer][0] - out.hidden_states[layer + 1][0]).abs().max().item()
+            assert diff <= 1e-5, (family, layer, diff)
+        # positions: the model's own rope index, 3 axes
+        assert sample.position_ids.shape == (3, len(sample))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_regeneration_equals_generate_with_and_without_batching(family, tiny_targets, convs):
+    target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
+    batched = build_sequences(target, convs, regenerate=True, max_new_tokens=20, max_length=4096)
+    single = [build_sequences(target, [c], regenerate=True, max_new_tokens=20, max_length=4096)[0] for c in convs]
+    suppress = [target.token_id(t) for t in SUPPRESSED_TOKENS if target.token_id(t) is not None]
+    stopped = 0
+    for b, s, conv in zip(batched, single, convs):
+        assert b.answers == s.answers, conv.key
+        # plain model.generate on the first turn's prompt, unpadded
+        msgs = conv.messages[:conv.assistant_turns[0]]
+        inputs = encode(target, [render(target, msgs, True, None, None)], [conv.images[:sum(
+            p["type"] == "image" for m in msgs for p in m["content"])]])
+        out = target.model.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=target.eos_ids(),
+                                    suppress_tokens=suppress)
+        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert b.answers[0] == ref[:len(b.answers[0])] and len(b.answers[0]) == len(ref), conv.key
+        stopped += b.answers[0][-1] in target.eos_ids()
+    if family == "qwen3_vl":  # its end-of-turn row is tuned so that turns end by themselves (tools/tiny_targets)
+        assert 0 < stopped
+
+
+def test_multi_turn_history_uses_regenerated_answers(tiny_targets, convs):
+    target = load_target(str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu")
+    conv = next(c for c in convs if len(c.assistant_turns) == 3)
+    seq = build_sequences(target, [conv], regenerate=True, max_new_tokens=12, max_length=4096)[0]
+    text = target.tokenizer.decode(seq.inputs["input_ids"][0])
+    for answer in seq.answers[:-1]:
+        assert _answer_text(target, answer) in text
+    for original in (m for m in conv.messages if m["role"] == "assistant"):
+        assert original["content"][0]["text"] not in text
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3"])
+def test_loss_mask_covers_exactly_assistant_content_and_end_of_turn(family, tiny_targets, convs):
+    target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
+    im_end = target.token_id("<|im_end|>")
+    # dataset answers kept: every masked span must decode to one answer plus <|im_end|>, in order
+    for seq in build_sequences(target, convs, regenerate=False, max_new_tokens=8, max_length=4096):
+        sample = capture(target, seq, [1])
+        ids, mask = sample.input_ids, sample.loss_mask
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+        spans = list(zip(edges[::2], edges[1::2]))
+        answers = [m["content"][0]["text"] for m in seq.conv.messages if m["role"] == "assistant"]
+        assert len(spans) == len(answers)
+        for (a, b), answer in zip(spans, answers):
+            assert ids[b - 1] == im_end
+            assert target.tokenizer.decode(ids[a:b]) == answer + "<|im_end|>"
+            assert target.tokenizer.decode(ids[:a]).endswith("<|im_start|>assistant\n")
+    # regenerated: the last span is exactly the generated ids
+    for seq in build_sequences(target, convs, regenerate=True, max_new_tokens=12, max_length=4096):
+        sample = capture(target, seq, [1])
+        n = len(seq.answers[-1])
+        assert sample.loss_mask[-n:].all() and list(sample.input_ids[-n:]) == seq.answers[-1]
+        prompt = target.tokenizer.decode(sample.input_ids[:-n])
+        assert prompt.endswith("<|im_start|>assistant\n") or prompt.endswith("<think>\n")
+        assert not sample.loss_mask[-n - 2:-n].any()  # the header and generation prompt stay unsupervised

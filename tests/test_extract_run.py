@@ -1,0 +1,207 @@
+"""The extract loop end to end: resume after SIGKILL, two processes, bad input, converters, configs."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from cache_schema import CacheReader
+from cache_schema.codecs import bf16_to_words
+from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
+from extract.run import run
+from tools.demo_shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(out, shards, target_dir, **kw) -> ExtractConfig:
+    target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu", layer_ids=[2, 4, 5])
+    return ExtractConfig(out=str(out), target=target,
+                         data=DataConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
+                         generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
+
+
+def cache_contents(url) -> dict:
+    """Everything a training run could read, keyed by (shard, sample key)."""
+    reader = CacheReader(url)
+    out = {}
+    for i in range(len(reader)):
+        shard, _ = reader.locate(i)
+        s = reader[i]
+        out[shard, s.key] = (s.input_ids.tobytes(), s.loss_mask.tobytes(), s.position_ids.tobytes(),
+                             bf16_to_words(s.hidden_TLH).tobytes())
+    return out
+
+
+def extract_cli(out, shards, target_dir, *extra):
+    return [sys.executable, "-m", "extract", f"out={out}", f"data.shards='{','.join(map(str, shards))}'",
+            f"target.path={target_dir}", "target.dtype=float32", "target.device=cpu", "generation.max_new_tokens=16",
+            "generation.batch_size=4", "progress=false", "hydra.run.dir=" + str(Path(out).parent / "hydra"), *extra]
+
+
+@pytest.fixture(scope="module")
+def four_shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("four"), shards=4, samples=12, seed=3)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_targets, four_shards):
+    target = tiny_targets / "qwen3_vl"
+    run(config(tmp_path / "clean", four_shards, target))
+    killed = tmp_path / "killed" / "cache"
+    proc = subprocess.Popen(extract_cli(killed, four_shards, target), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(killed.glob("shards/*/_COMMITTED.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reader = CacheReader(str(killed))
+    assert 1 <= len(reader.shards) < 4, "the kill must land in the middle of the run"
+    subprocess.run(extract_cli(killed, four_shards, target), cwd=ROOT, check=True, capture_output=True)
+    assert cache_contents(killed) == cache_contents(tmp_path / "clean")
+    assert not CacheReader(str(killed)).uncommitted
+
+
+def test_accelerate_two_processes_equal_one(tmp_path, tiny_targets, four_shards):
+    target = tiny_targets / "qwen3_vl"
+    run(config(tmp_path / "one", four_shards, target))
+    two = tmp_path / "two" / "cache"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract"]
+    result = subprocess.run(cmd + extract_cli(two, four_shards, target)[3:], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cache_contents(two) == cache_contents(tmp_path / "one")
+    assert "extract summary" in result.stdout
+    assert "rank 1/2: 2 of 4 input shards" in result.stdout + result.stderr
+
+
+def _image_bytes(mode: str, fmt: str) -> bytes:
+    img = Image.new("RGB", (48, 40), (200, 30, 90)).convert(mode) if mode != "P" else \
+        Image.new("RGB", (48, 40), (20, 130, 90)).convert("P", palette=Image.ADAPTIVE)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _record(key, turns, images=None, names=None):
+    rec = {"__key__": key, "json": json.dumps({"conversations": turns, "images": names or list(images or {})})}
+    rec.update(images or {})
+    return rec
+
+
+ASK = [{"from": "human", "value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "A red square."}]
+
+
+def bad_shard(path: Path) -> Path:
+    good = _image_bytes("RGB", "PNG")
+    records = [
+        _record("good_rgb", ASK, {"0.png": good}),
+        _record("good_rgba", ASK, {"0.png": _image_bytes("RGBA", "PNG")}),
+        _record("good_gray", ASK, {"0.png": _image_bytes("L", "PNG")}),
+        _record("good_palette", ASK, {"0.png": _image_bytes("P", "PNG")}),
+        _record("good_cmyk", ASK, {"0.jpg": _image_bytes("CMYK", "JPEG")}),
+        _record("good_webp", ASK, {"0.webp": _image_bytes("RGB", "WEBP")}),
+        _record("good_text", [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]),
+        _record("bad_corrupt", ASK, {"0.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}),
+        _record("bad_missing", ASK, {}, names=["0.png"]),
+        _record("bad_too_many_tags", [{"from": "human", "value": "<image><image> two?"}, ASK[1]], {"0.png": good}),
+        {"__key__": "bad_json", "json": b"{not json"},
+        {"__key__": "bad_format", "json": json.dumps({"question": "x", "answer": "y"})},
+        _record("bad_no_assistant", [{"from": "human", "value": "Anyone?"}]),
+        _record("bad_long", [{"from": "human", "value": "red " * 400}, {"from": "gpt", "value": "ok"}]),
+    ]
+    with wds.TarWriter(str(path)) as sink:
+        for r in records:
+            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in r.items()})
+    return path
+
+
+EXPECTED_SKIPS = {"corrupt_image": 1, "missing_image": 1, "image_count_mismatch": 1, "invalid_json": 1,
+                  "unknown_format": 1, "no_assistant_turn": 1, "too_long": 1}
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path, tiny_targets, capsys):
+    shard = bad_shard(tmp_path / "bad-000000.tar")
+    summary = run(config(tmp_path / "cache", [shard], tiny_targets / "qwen3_vl", max_length=256))
+    assert summary["skipped"] == EXPECTED_SKIPS
+    reader = CacheReader(str(tmp_path / "cache"))
+    assert sorted(reader[i].key for i in range(len(reader))) == sorted(
+        ["good_rgb", "good_rgba", "good_gray", "good_palette", "good_cmyk", "good_webp", "good_text"])
+    assert reader.markers[reader.shards[0]]["skipped"] == EXPECTED_SKIPS
+    assert json.loads((tmp_path / "cache" / "summary.json").read_text())["skipped"] == EXPECTED_SKIPS
+    out = capsys.readouterr().out
+    assert "skipped.corrupt_image: 1" in out and "samples: 7" in out
+
+
+def test_strict_stops_at_first_bad_sample_and_keeps_committed_shards(tmp_path, tiny_targets, demo_shards):
+    cache = tmp_path / "cache"
+    run(config(cache, demo_shards[:1], tiny_targets / "qwen3_vl"))
+    committed = sorted(p for p in (cache / "shards").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in committed}
+    shard = bad_shard(tmp_path / "bad-000000.tar")
+    with pytest.raises(ValueError, match="sample bad_corrupt: corrupt_image"):
+        run(config(cache, [demo_shards[0], shard], tiny_targets / "qwen3_vl", strict=True))
+    assert {p: p.read_bytes() for p in committed} == before
+    assert len(CacheReader(str(cache)).shards) == 1
+
+
+def test_cache_from_another_target_is_refused_before_work(tmp_path, tiny_targets, demo_shards):
+    cache = tmp_path / "cache"
+    run(config(cache, demo_shards[:1], tiny_targets / "qwen3_vl"))
+    with pytest.raises(ValueError, match="target.fingerprint"):
+        run(config(cache, demo_shards[:1], tiny_targets / "qwen3_vl_moe"))
+
+
+def test_converters_json_and_datasets(tmp_path, tiny_targets):
+    import datasets
+
+    from extract.convert import convert_hf, convert_json
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_image_bytes("RGB", "PNG"))
+    (images / "b.jpg").write_bytes(_image_bytes("RGB", "JPEG"))
+    rows = [{"id": "one", "image": "a.png", "conversations": ASK},
+            {"id": "two", "image": ["a.png", "b.jpg"], "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Alike."}]},
+            {"id": "three", "conversations": [{"from": "human", "value": "Text?"}, {"from": "gpt", "value": "Yes."}]},
+            {"id": "gone", "image": "nope.png", "conversations": ASK}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert convert_json(tmp_path / "data.jsonl", images, tmp_path / "wds_json", per_shard=3) == 4
+    ds = datasets.Dataset.from_list([{"id": "hf1", "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}], "images": [Image.open(images / "a.png")]}])
+    assert convert_hf(ds, tmp_path / "wds_hf") == 1
+    shards = sorted((tmp_path / "wds_json").glob("*.tar")) + sorted((tmp_path / "wds_hf").glob("*.tar"))
+    assert len(shards) == 3
+    summary = run(config(tmp_path / "cache", shards, tiny_targets / "qwen3_vl"))
+    assert summary["samples"] == 4 and summary["skipped"] == {"missing_image": 1}
+    reader = CacheReader(str(tmp_path / "cache"))
+    assert {reader[i].key: reader[i].meta["num_images"] for i in range(4)} == {"one": 1, "two": 2, "three": 0,
+                                                                               "hf1": 1}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "target").glob("*.yaml")))
+def test_every_target_config_composes(name):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("extract", overrides=[f"target={name}", "out=x", "data.shards=y"])
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, ExtractConfig) and obj.target.path and obj.target.model_type
+
+
+def test_wrong_config_key_is_refused():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(Exception, match="generation.max_new_token"):
+            compose("extract", overrides=["generation.max_new_token=3"])
