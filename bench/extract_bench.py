@@ -1,0 +1,128 @@
+"""Extraction overhead: our extract path against bare `generate` plus one bare forward, same model, same samples.
+
+Both sides run in one process on the same conversations:
+  bare     greedy generation of every assistant turn (batched, left padding), then one plain forward per
+           final sequence (no hooks, no cache writes)
+  extract  the same generation, then capture (forward hooks, 3-axis positions) + ShardWriter (bf16 words,
+           zstd, crc32c) + commit
+
+    python bench/extract_bench.py                          # tiny qwen3_vl on CPU
+    python bench/extract_bench.py --shape qwen3vl8b        # Qwen3-VL-8B-shaped random weights, bf16, GPU
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from extract.capture import capture  # noqa: E402
+from extract.formats import parse_sample  # noqa: E402
+from extract.regenerate import build_sequences  # noqa: E402
+from extract.run import make_manifest  # noqa: E402
+from extract.config import ExtractConfig, TargetConfig  # noqa: E402
+from extract.target import Target, load_target  # noqa: E402
+from cache_schema import CacheWriter  # noqa: E402
+from tools.demo_shards import write_shards  # noqa: E402
+from tools.tiny_targets import build_config, build_processor, build_target, build_tokenizer  # noqa: E402
+
+# Real Qwen3-VL-8B-Instruct dimensions (text and vision towers); weights are random.
+QWEN3VL8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=151936)
+QWEN3VL8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                        deepstack_visual_indexes=[8, 16, 24], num_position_embeddings=2304)
+
+
+def real_shape_target(device: str) -> Target:
+    from transformers import AutoModelForImageTextToText
+
+    tok = build_tokenizer()
+    config = build_config("qwen3_vl", tok)
+    config.text_config.update(QWEN3VL8B_TEXT)
+    config.text_config.rope_parameters["mrope_section"] = [24, 20, 20]
+    config.vision_config.update(QWEN3VL8B_VISION)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return Target(model=model, processor=build_processor("qwen3_vl", tok), tokenizer=tok, family="qwen3_vl",
+                  name_or_path="random-qwen3vl8b-shape")
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "qwen3vl8b"], default="tiny")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="extract_bench_"))
+    if args.shape == "tiny":
+        target = load_target(str(build_target("qwen3_vl", work / "targets")), dtype="float32", device=args.device)
+    else:
+        target = real_shape_target(args.device)
+    shard = write_shards(work / "shards", shards=1, samples=args.samples, seed=1)[0]
+    convs = [parse_sample(r, str(shard)) for r in wds.WebDataset([str(shard)], shardshuffle=False,
+                                                                    empty_check=False)]
+    layers = target.text_config.num_hidden_layers
+    layer_ids = [3, 11, 18, 26, 33] if layers == 36 else [2, 4, 5]
+    cfg = ExtractConfig(out=str(work / "cache"), target=TargetConfig(path="bench", dtype="bfloat16"))
+    writer = CacheWriter(cfg.out, make_manifest(cfg, target, layer_ids))
+    shard_writer = writer.shard("bench")
+
+    batches = [convs[i:i + args.batch_size] for i in range(0, len(convs), args.batch_size)]
+    build_sequences(target, batches[0][:2], True, 4, 1 << 20)  # warm-up: kernels, allocator
+    times = dict.fromkeys(["generate", "bare_forward", "capture_write"], 0.0)
+    gen_tokens = cap_tokens = 0
+
+    def timed(key, fn):
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(args.device)
+        times[key] += time.perf_counter() - t0
+        return out
+
+    def bare_forward(seqs):
+        with torch.no_grad():
+            for s in seqs:
+                target.model(**{k: v.to(target.device) for k, v in s.inputs.items()}, use_cache=False,
+                             logits_to_keep=1)
+
+    def capture_write(seqs):
+        for s in seqs:
+            shard_writer.add(capture(target, s, layer_ids))
+
+    # Generation is the same code on both sides, so it runs once and counts for both; what differs is a bare
+    # forward against the hooked forward plus the cache write, alternated in order per batch.
+    for k, batch in enumerate(batches):
+        seqs = timed("generate", lambda: build_sequences(target, batch, True, args.max_new_tokens, 1 << 20))
+        gen_tokens += sum(s.generated_tokens for s in seqs)
+        cap_tokens += sum(s.inputs["input_ids"].shape[1] for s in seqs)
+        steps = [("bare_forward", lambda: bare_forward(seqs)), ("capture_write", lambda: capture_write(seqs))]
+        for key, fn in steps if k % 2 == 0 else steps[::-1]:
+            timed(key, fn)
+    timed("capture_write", shard_writer.commit)
+    t_bare = times["generate"] + times["bare_forward"]
+    t_ours = times["generate"] + times["capture_write"]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"device {name}, target {target.name_or_path} ({layers} layers, hidden {target.text_config.hidden_size}), "
+          f"{len(convs)} samples, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
+    print(f"generated tokens {gen_tokens}, captured tokens {cap_tokens}")
+    print(" | ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    print(f"bare generate+forward: {t_bare:.2f} s | extract: {t_ours:.2f} s | overhead {100 * (t_ours / t_bare - 1):+.1f}%")
+    print(f"extract throughput: {cap_tokens / t_ours:.0f} captured tok/s, {gen_tokens / t_ours:.0f} generated tok/s")
+
+
+if __name__ == "__main__":
+    main()
