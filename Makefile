@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup test test-all demo inspect extract bench clean
+.PHONY: help setup test test-all demo inspect extract train bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,8 +44,13 @@ extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.ta
 	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make extract DATA='shards/x-{000000..000009}.tar' CONF=target OUT=cache_dir"; exit 2; }
 	$(LAUNCH) -m extract target=$(CONF) "data.shards='$(DATA)'" out=$(OUT) $(ARGS)
 
-bench: setup ## run the benchmarks under bench/ (results go in BENCHMARKS.md)
-	$(PY) bench/cache_bench.py $(ARGS)
+train: setup ## stage two: make train CONF=qwen3vl30b CACHE=cache/qwen3vl30b [RUN=runs/x NGPU=8 ARGS='optim.lr=3e-4']
+	$(LAUNCH) -m train setup=$(CONF) data.cache=$(CACHE) run_dir=$(or $(RUN),runs/$(CONF)) $(ARGS)
+
+bench: setup ## run the CPU benchmarks under bench/ (results go in BENCHMARKS.md)
+	$(PY) bench/cache_bench.py
+	$(PY) bench/extract_bench.py
+	$(PY) bench/train_bench.py
 
 clean: ## remove run outputs (not the venv)
 	rm -rf $(WORK) outputs multirun

@@ -37,7 +37,12 @@ def main() -> None:
         "generation.max_new_tokens=48", f"hydra.run.dir={work}/logs/extract"], env)
     step("inspect the cache", [py, "-m", "tools.inspect_cache", str(cache), "--verify", "--sample", "1",
                                "--plot", str(work / "cache_lengths.png")], env)
-    print(f"\ndemo done: cache in {cache}, plot in {work / 'cache_lengths.png'}")
+    # The target is not needed from here on: training reads the cache alone.
+    step("train a DFlash drafter from the cache", [
+        py, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={work}/run",
+        f"hydra.run.dir={work}/logs/train"], env)
+    print(f"\ndemo done: cache in {cache} (histograms: {work / 'cache_lengths.png'}), drafter checkpoints and "
+          f"metrics.jsonl in {work / 'run'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The training stage end to end on a cache whose target has been deleted: resume, sweeps, refusals."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
+from extract.run import run as extract
+from train.blocks import draft_vocab
+from train.config import TrainConfig
+from train.data import token_budget_batches
+from train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_targets, demo_shards):
+    """A three-shard cache extracted from a copy of the tiny target, which is then deleted."""
+    tmp = tmp_path_factory.mktemp("train_cache")
+    target = tmp / "qwen3_vl"
+    shutil.copytree(tiny_targets / "qwen3_vl", target)
+    from tools.demo_shards import write_shards
+
+    shards = list(demo_shards) + write_shards(tmp / "more", shards=1, samples=8, seed=9)
+    extract(ExtractConfig(out=str(tmp / "cache"), target=TargetConfig(path=str(target), dtype="float32", device="cpu",
+                                                                      layer_ids=[2, 4, 5]),
+                          data=DataConfig(shards=",".join(map(str, shards))),
+                          generation=GenerationConfig(max_new_tokens=24, batch_size=8), progress=False))
+    shutil.rmtree(target)  # training must not need it
+    return tmp / "cache"
+
+
+def compose_train(*overrides) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    cfg.run_dir = "unused"  # hydra's runtime output dir only exists inside a real run
+    return OmegaConf.to_object(cfg)
+
+
+def tiny(cache, run_dir, *overrides) -> TrainConfig:
+    cfg = compose_train("setup=tiny", f"data.cache={cache}", "optim.max_steps=12", "log_every=1", "save_every=4",
+                        "eval_every=6", "progress=false", "objective.num_anchors=16", *overrides)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a step logged twice keeps its last row
+
+
+@pytest.mark.parametrize("mode", ["dflash", "vp"])
+def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode):
+    cfg = tiny(cache, tmp_path / "run", f"objective.mode={mode}", "optim.max_steps=30", "optim.lr=3e-3")
+    state = train(cfg)
+    assert state.step == 30
+    seq = losses(tmp_path / "run")
+    assert np.mean([seq[s] for s in range(26, 31)]) < np.mean([seq[s] for s in range(1, 6)])
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000024", "step-00000028", "step-00000030"]  # keep_last=3, final included
+
+
+def test_killed_and_resumed_run_reproduces_the_loss_sequence(cache, tmp_path):
+    train(tiny(cache, tmp_path / "straight"))
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={run_dir}",
+           "optim.max_steps=12", "log_every=1", "save_every=4", "eval_every=6", "progress=false",
+           "objective.num_anchors=16", f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-00000004" / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").exists())
+    assert done and done[-1] < "step-00000012", "the kill must land before the end"
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert losses(run_dir) == losses(tmp_path / "straight")
+    assert sorted(losses(run_dir)) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("override, key", [("drafter.hidden_size=48", "drafter.hidden_size"),
+                                           ("drafter.target_layer_ids=[1,4,5]", "drafter.target_layer_ids"),
+                                           ("drafter.vocab_size=1000", "drafter.vocab_size"),
+                                           ("+expect_target=Qwen/Qwen3-VL-8B-Instruct", "expect_target"),
+                                           ("drafter.mask_token_id=5000", "drafter.mask_token_id")])
+def test_drafter_cache_mismatch_is_refused_naming_the_key(cache, tmp_path, override, key):
+    cfg = tiny(cache, tmp_path / "run", override.lstrip("+"))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(Exception, match="optim.learning_rate"):
+        compose_train("optim.learning_rate=3e-4", "data.cache=x")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "setup").glob("*.yaml")))
+def test_every_named_setup_composes(name):
+    cfg = compose_train(f"setup={name}", "data.cache=x")
+    assert isinstance(cfg, TrainConfig)
+    d = cfg.drafter
+    assert d.hidden_size > 0 and d.vocab_size > 0 and len(d.target_layer_ids) >= 1
+    assert d.num_attention_heads % d.num_key_value_heads == 0
+    assert d.mask_token_id is None or d.mask_token_id < d.vocab_size
+    assert d.block_size in (8, 10, 16)
+
+
+def test_sweep_gives_each_job_its_own_run_directory(cache, tmp_path):
+    cmd = [sys.executable, "-m", "train", "-m", "setup=tiny", f"data.cache={cache}", "optim.lr=1e-3,2e-3",
+           "optim.max_steps=2", "save_every=0", "eval_every=0", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "checkpoints" / "step-00000002" / "state.json").exists()
+    lrs = {json.loads((tmp_path / "sweep" / j / "checkpoints" / "step-00000002" / "config.json").read_text())
+           ["optim"]["lr"] for j in ("0", "1")}
+    assert lrs == {1e-3, 2e-3}
+
+
+def test_token_budget_batches_cover_every_sample_once_within_budget():
+    lengths = np.random.default_rng(0).integers(5, 300, 500)
+    batches, skipped = token_budget_batches(lengths, max_tokens=1024, max_length=250, bucket=64, seed=1, epoch=0)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == sorted(i for i in range(500) if lengths[i] <= 250) and skipped == int((lengths > 250).sum())
+    assert all(max(lengths[i] for i in b) * len(b) <= 1024 for b in batches)
+    again, _ = token_budget_batches(lengths, 1024, 250, 64, 1, 0)
+    other, _ = token_budget_batches(lengths, 1024, 250, 64, 1, 1)
+    assert again == batches and other != batches
+
+
+def test_draft_vocab_keeps_the_most_frequent_tokens():
+    freq = np.array([5, 0, 9, 9, 1, 7])
+    ids, t2d = draft_vocab(__import__("torch").as_tensor(freq), 3)
+    assert ids.tolist() == [2, 3, 5]
+    assert t2d.tolist() == [-1, -1, 0, 1, -1, 2]

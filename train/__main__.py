@@ -1,0 +1,20 @@
+"""`python -m train setup=qwen3vl30b data.cache=cache/qwen3vl30b [optim.lr=3e-4 ...]` (Hydra; -m sweeps)."""
+
+import logging
+
+import hydra
+from omegaconf import OmegaConf
+
+from train.config import TrainConfig  # noqa: F401  (registers the schema)
+from train.loop import train
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg) -> None:
+    logging.getLogger("train").setLevel(logging.INFO)
+    state = train(OmegaConf.to_object(cfg))
+    print(f"training done at step {state.step}; checkpoints in {cfg.run_dir}/checkpoints", flush=True)
+
+
+if __name__ == "__main__":
+    main()
