@@ -1,0 +1,164 @@
+"""Training-step benchmark: step time and peak memory over anchors x block x sequence x vocabulary, chunked
+against unchunked loss, dense mask against flex attention (CUDA), and cache-loader throughput against what a
+step consumes. Every configuration runs in its own child process so peak memory is its own.
+
+    python bench/train_bench.py                 # CPU grid with a small drafter, loader ratio
+    python bench/train_bench.py --gpu           # Qwen3-VL-30B-A3B-shaped drafter at bf16 on CUDA
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train.attention import build_mask  # noqa: E402
+from train.blocks import chunked_loss, make_blocks, sample_anchors, sample_prefix  # noqa: E402
+from train.config import DrafterConfig  # noqa: E402
+from train.model import Drafter  # noqa: E402
+
+SMALL = dict(hidden_size=256, num_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+             intermediate_size=768)
+QWEN3VL30B = dict(hidden_size=2048, num_layers=5, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                  intermediate_size=6144, rope_theta=5e6)
+
+
+def one_config(spec: dict) -> dict:
+    """Build a drafter and a synthetic batch, run warm-up + timed steps, return time and peak memory."""
+    device = spec["device"]
+    torch.manual_seed(0)
+    layers, T, V = 5, spec["seq"], spec["vocab"]
+    dims = {**(QWEN3VL30B if spec["shape"] == "qwen3vl30b" else SMALL)}
+    cfg = DrafterConfig(vocab_size=V, target_layer_ids=list(range(layers)), block_size=spec["block"],
+                        mask_token_id=V - 1, **dims)
+    H = cfg.hidden_size
+    model = Drafter(cfg, torch.randn(V, H) * 0.02, torch.randn(V, H) * 0.02).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, V - 1, (1, T), device=device)
+    mask = torch.rand(1, T, device=device) < 0.7
+    pos = torch.arange(T, device=device)[None]
+    hidden = torch.randn(1, T, layers, H, device=device).to(torch.bfloat16)
+    lens = torch.tensor([T], device=device)
+    sid = torch.tensor([0], device=device)
+    chunk = spec["chunk_rows"] or 1 << 30
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
+                                                                                                   enabled=False)
+
+    def step(k):
+        anchors, keep = sample_anchors(mask, lens, sid, spec["anchors"], 0, k)
+        prefix = sample_prefix(keep, sid, 0, k, cfg.block_size, 0.9, "dflash")
+        blocks = make_blocks(ids, pos, mask, lens, anchors, keep, prefix, cfg.block_size, V - 1, 7.0)
+        m = build_mask(anchors, lens, T, cfg.block_size, spec["attention"])
+        with autocast:
+            h = model(hidden, pos, blocks.ids_BQ, blocks.pos_BQ, m, spec["attention"])
+            loss, _ = chunked_loss(h, model.lm_head_VH, blocks.labels_BQ, blocks.weights_BQ, chunk)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for k in range(2):
+        step(k)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    n = spec["steps"]
+    for k in range(n):
+        step(2 + k)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / n
+    out = {"step_s": dt, "tokens_per_s": T / dt}
+    if device == "cuda":
+        out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                            text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        return {"error": f"exit {status}"}
+    result = json.loads(out.strip().splitlines()[-1])
+    result.setdefault("peak_gb", usage.ru_maxrss / 2**20)  # CPU: the child's peak resident set
+    return result
+
+
+def loader_ratio(workers: int) -> str:
+    """Cache loader tokens/s against the tokens/s one CPU step of the small drafter consumes."""
+    from cache_schema import CacheWriter, Manifest, Sample, StorageInfo, TargetInfo
+    from torch.utils.data import DataLoader
+
+    from train.data import CacheDataset, collate, token_budget_batches
+
+    root = tempfile.mkdtemp(prefix="train_bench_cache_")
+    H, layers = SMALL["hidden_size"], 5
+    manifest = Manifest(TargetInfo("bench", "qwen3", 36, H, 4096, "x"), list(range(layers)), StorageInfo())
+    writer = CacheWriter(root, manifest)
+    g = torch.Generator().manual_seed(0)
+    for s in range(2):
+        shard = writer.shard(f"s{s}")
+        for i in range(64):
+            t = int(torch.randint(200, 1200, (1,), generator=g))
+            shard.add(Sample(f"{s}-{i}", torch.randint(0, 4096, (t,)).int().numpy(), (torch.rand(t) < .6).numpy(),
+                             torch.arange(t).int().expand(3, t).numpy(), torch.randn(t, layers, H).bfloat16()))
+        shard.commit()
+    ds = CacheDataset(root, ["s0", "s1"], "mrope_axis0")
+    batches, _ = token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
+    t0 = time.perf_counter()
+    tokens = 0
+    for batch in DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers):
+        tokens += int(batch["lengths"].sum())
+    load = tokens / (time.perf_counter() - t0)
+    step = run_child({"device": "cpu", "shape": "small", "seq": 2048, "anchors": 512, "block": 16, "vocab": 4096,
+                      "chunk_rows": 2048, "attention": "dense", "steps": 2})
+    return (f"cache loader ({workers} workers, hidden {H} x {layers} layers): {load:.0f} tok/s; one CPU step "
+            f"consumes {step['tokens_per_s']:.0f} tok/s; loader/step = {load / step['tokens_per_s']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_config(json.loads(args.child))))
+        return
+    if args.gpu:
+        base = {"device": "cuda", "shape": "qwen3vl30b", "seq": 4096, "anchors": 512, "block": 16,
+                "vocab": 151936, "steps": 5}
+        grid = [{**base, "attention": a, "chunk_rows": c} for a in ("flex", "dense") for c in (2048, None)]
+        grid += [{**base, "attention": "flex", "chunk_rows": 2048, "seq": 8192},
+                 {**base, "attention": "flex", "chunk_rows": 2048, "anchors": 1024}]
+    else:
+        base = {"device": "cpu", "shape": "small", "attention": "dense", "steps": 2}
+        grid = [{**base, "seq": s, "anchors": a, "block": b, "vocab": v, "chunk_rows": 2048}
+                for s in (512, 2048) for a in (64, 256) for b in (8, 16) for v in (4096, 32768)]
+        grid += [{**base, "seq": 2048, "anchors": 256, "block": 16, "vocab": 32768, "chunk_rows": None}]
+    print(f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if args.gpu else 'CPU'}")
+    print("| shape | attention | seq | anchors | block | vocab | loss chunk | step ms | tok/s | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in grid:
+        r = run_child(spec)
+        if "error" in r:
+            print(f"| {spec} | {r['error']} |")
+            continue
+        print(f"| {spec['shape']} | {spec['attention']} | {spec['seq']} | {spec['anchors']} | {spec['block']} | "
+              f"{spec['vocab']} | {spec['chunk_rows'] or 'none'} | {1000 * r['step_s']:.0f} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} |", flush=True)
+    if not args.gpu:
+        print(loader_ratio(workers=2))
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
