@@ -80,7 +80,7 @@ def test_accelerate_two_processes_equal_one(tmp_path, tiny_targets, four_shards)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract"]
     result = subprocess.run(cmd + extract_cli(two, four_shards, target)[3:], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cache_contents(two) == cache_contents(tmp_path / "one")
     assert "extract summary" in result.stdout

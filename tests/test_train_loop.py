@@ -144,3 +144,15 @@ def test_draft_vocab_keeps_the_most_frequent_tokens():
     ids, t2d = draft_vocab(__import__("torch").as_tensor(freq), 3)
     assert ids.tolist() == [2, 3, 5]
     assert t2d.tolist() == [-1, -1, 0, 1, -1, 2]
+
+
+def test_accelerate_ddp_two_processes_train_and_checkpoint(cache, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train", "setup=tiny",
+           f"data.cache={cache}", f"run_dir={tmp_path}/run", "optim.max_steps=6", "eval_every=3", "save_every=3",
+           "progress=false", "objective.num_anchors=16", "data.max_tokens_per_batch=1024",
+           f"hydra.run.dir={tmp_path}/hydra"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json").exists()
+    assert "eval/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -69,7 +70,12 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
     """Batches from the resume point on, across epochs; advances state.epoch/state.cursor as it goes."""
     while True:
         batches = epoch_batches(dataset, cfg.data, cfg.seed, state.epoch)
-        mine = batches[rank::world]
+        # Every rank takes the same number of batches, so ranks step together and share one TrainState.
+        per_rank = len(batches) // world
+        if per_rank == 0:
+            raise ValueError(f"{len(batches)} batches per epoch for {world} processes: lower "
+                             "data.max_tokens_per_batch or add data")
+        mine = batches[rank:per_rank * world:world]
         loader = DataLoader(dataset, batch_sampler=mine[state.cursor:], collate_fn=collate,
                             num_workers=cfg.data.num_workers, persistent_workers=False)
         for batch in loader:
@@ -97,7 +103,10 @@ def evaluate(model, head, objective: Objective, dataset, cfg: TrainConfig, devic
 def train(cfg: TrainConfig) -> TrainState:
     run_dir = Path(cfg.run_dir)
     cuda = torch.cuda.is_available()
+    # The frozen embedding and head are identical on every rank: broadcasting them each forward (DDP's
+    # default for buffers) would move a vocabulary-sized tensor per step for nothing.
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
                               fsdp_plugin=_fsdp_plugin() if cfg.distributed == "fsdp" else None)
     device = accelerator.device
 
@@ -164,7 +173,8 @@ def train(cfg: TrainConfig) -> TrainState:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['acceptance_estimate']:.2f}",
                             tok_s=f"{row['tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and accelerator.is_main_process:
-            metrics.write(state.step, evaluate(model, head_VH, objective, eval_set, cfg, device))
+            # The unwrapped model: a DDP forward on one rank alone would wait for the others' buffer broadcast.
+            metrics.write(state.step, evaluate(core, head_VH, objective, eval_set, cfg, device))
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.optim.max_steps:
             save()
     bar.close()
