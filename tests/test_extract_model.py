@@ -117,3 +117,12 @@ def test_loss_mask_covers_exactly_assistant_content_and_end_of_turn(family, tiny
         prompt = target.tokenizer.decode(sample.input_ids[:-n])
         assert prompt.endswith("<|im_start|>assistant\n") or prompt.endswith("<think>\n")
         assert not sample.loss_mask[-n - 2:-n].any()  # the header and generation prompt stay unsupervised
+
+
+def test_system_prompt_and_thinking_switch_reach_the_prompt(tiny_targets):
+    target = load_target(str(tiny_targets / "qwen3_5"), dtype="float32", device="cpu")
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
+    thinking = render(target, msgs, True, "Be brief.", None)
+    plain = render(target, msgs, True, None, False)
+    assert thinking.startswith("<|im_start|>system\nBe brief.<|im_end|>") and thinking.endswith("<think>\n")
+    assert plain.endswith("<think>\n\n</think>\n\n") and "system" not in plain
