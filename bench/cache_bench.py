@@ -104,7 +104,7 @@ def main() -> None:
         root = scratch / f"{dtype}-{comp}-{chunk}"
         rows.append((dtype, comp, chunk, bench_zarr(root, samples, args.layers, args.hidden, dtype, comp, chunk)))
         shutil.rmtree(root)
-    print(f"\n| layout | codec | chunk tokens | write MB/s | read MB/s | read tok/s | bytes/token | size vs "
+    print("\n| layout | codec | chunk tokens | write MB/s | read MB/s | read tok/s | bytes/token | size vs "
           "safetensors | read speed vs safetensors |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype, comp, chunk, r in rows:

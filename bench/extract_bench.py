@@ -120,7 +120,8 @@ def main() -> None:
           f"{len(convs)} samples, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}")
     print(f"generated tokens {gen_tokens}, captured tokens {cap_tokens}")
     print(" | ".join(f"{k} {v:.2f} s" for k, v in times.items()))
-    print(f"bare generate+forward: {t_bare:.2f} s | extract: {t_ours:.2f} s | overhead {100 * (t_ours / t_bare - 1):+.1f}%")
+    print(f"bare generate+forward: {t_bare:.2f} s | extract: {t_ours:.2f} s | "
+          f"overhead {100 * (t_ours / t_bare - 1):+.1f}%")
     print(f"extract throughput: {cap_tokens / t_ours:.0f} captured tok/s, {gen_tokens / t_ours:.0f} generated tok/s")
 
 

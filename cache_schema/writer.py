@@ -56,7 +56,8 @@ class CacheWriter:
         if "/" in name or name.startswith((".", "_")):
             raise ValueError(f"shard name {name!r} must be a plain name")
         if self.loc.exists(SHARDS_DIR, name, COMMIT_MARKER):
-            raise CacheError(f"shard {name} is already committed in {self.loc.url}; committed shards are never rewritten")
+            raise CacheError(f"shard {name} is already committed in {self.loc.url}; committed shards are never "
+                             "rewritten")
         if self.loc.exists(SHARDS_DIR, name):
             self.loc.remove_shard(name)  # leftover of a killed run
         return ShardWriter(self.loc, self.manifest, name)

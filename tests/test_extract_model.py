@@ -8,7 +8,7 @@ import webdataset as wds
 from cache_schema.codecs import bf16_to_words
 from extract.capture import capture
 from extract.formats import parse_sample
-from extract.regenerate import _answer_text, build_sequences, encode, generate, render
+from extract.regenerate import _answer_text, build_sequences, encode, render
 from extract.target import SUPPRESSED_TOKENS, check_layer_ids, default_layer_ids, load_target
 from tools.tiny_targets import FAMILIES
 

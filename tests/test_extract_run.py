@@ -2,14 +2,12 @@
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
 from hydra import compose, initialize_config_dir
@@ -182,15 +180,16 @@ def test_converters_json_and_datasets(tmp_path, tiny_targets):
     assert convert_json(tmp_path / "data.jsonl", images, tmp_path / "wds_json", per_shard=3) == 4
     ds = datasets.Dataset.from_list([{"id": "hf1", "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}], "images": [Image.open(images / "a.png")]}])
+        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}],
+        "images": [Image.open(images / "a.png")]}])
     assert convert_hf(ds, tmp_path / "wds_hf") == 1
     shards = sorted((tmp_path / "wds_json").glob("*.tar")) + sorted((tmp_path / "wds_hf").glob("*.tar"))
     assert len(shards) == 3
     summary = run(config(tmp_path / "cache", shards, tiny_targets / "qwen3_vl"))
     assert summary["samples"] == 4 and summary["skipped"] == {"missing_image": 1}
     reader = CacheReader(str(tmp_path / "cache"))
-    assert {reader[i].key: reader[i].meta["num_images"] for i in range(4)} == {"one": 1, "two": 2, "three": 0,
-                                                                               "hf1": 1}
+    images = {reader[i].key: reader[i].meta["num_images"] for i in range(4)}
+    assert images == {"one": 1, "two": 2, "three": 0, "hf1": 1}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "target").glob("*.yaml")))

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from cache_schema import CacheReader, verify
 from cache_schema.layout import SHARDS_DIR, SUMMARY, TOKENIZER_DIR

@@ -172,11 +172,6 @@ def build_target(family: str, out_dir: Path, seed: int = 0) -> Path:
     return path
 
 
-def mask_token_id(path: Path) -> int:
-    """First vocabulary slot past the tokenizer's ids (the tiny analogue of Qwen's 151669)."""
-    return len(Qwen2Tokenizer.from_pretrained(path))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
