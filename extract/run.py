@@ -13,6 +13,7 @@ from itertools import islice
 import torch
 from accelerate import PartialState
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from cache_schema import CacheReader, CacheWriter, Manifest, TargetInfo
 from cache_schema.layout import HEAD_FILE, TOKENIZER_DIR
@@ -77,10 +78,10 @@ def run(cfg: ExtractConfig) -> dict:
     shards = expand_shards(cfg.data.shards)
     mine = shards_for_rank(shards, state.process_index, state.num_processes)
     torch.manual_seed(cfg.seed)
+    layer_ids = resolve_layer_ids(cfg, AutoConfig.from_pretrained(cfg.target.path))  # refused before any loading
     target = load_target(cfg.target.path, dtype=cfg.target.dtype, device=cfg.target.device or str(state.device),
                          device_map=cfg.target.device_map, attn_implementation=cfg.target.attn_implementation,
                          model_type=cfg.target.model_type)
-    layer_ids = resolve_layer_ids(cfg, target.model.config)
     writer = CacheWriter(cfg.out, make_manifest(cfg, target, layer_ids))
     if state.is_main_process:
         export_target_files(writer, target)

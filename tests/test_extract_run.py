@@ -204,3 +204,11 @@ def test_wrong_config_key_is_refused():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         with pytest.raises(Exception, match="generation.max_new_token"):
             compose("extract", overrides=["generation.max_new_token=3"])
+
+
+def test_invalid_layer_ids_are_refused_before_loading(tmp_path, tiny_targets, demo_shards):
+    cfg = config(tmp_path / "cache", demo_shards[:1], tiny_targets / "qwen3_vl")
+    cfg.target.layer_ids = [2, 7]
+    with pytest.raises(ValueError, match="last layer"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists()

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
 from extract.run import run as extract
+from tools.plot_run import plot as plot_run
 from train.blocks import draft_vocab
 from train.config import TrainConfig
 from train.data import token_budget_batches
@@ -59,13 +60,16 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a step logged twice keeps its last row
 
 
-@pytest.mark.parametrize("mode", ["dflash", "vp"])
-def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode):
-    cfg = tiny(cache, tmp_path / "run", f"objective.mode={mode}", "optim.max_steps=30", "optim.lr=3e-3")
+@pytest.mark.parametrize("mode, vocab", [("dflash", "null"), ("vp", "null"), ("dflash", "200")])
+def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vocab):
+    cfg = tiny(cache, tmp_path / "run", f"objective.mode={mode}", f"objective.draft_vocab_size={vocab}",
+               "optim.max_steps=30", "optim.lr=3e-3")
     state = train(cfg)
     assert state.step == 30
     seq = losses(tmp_path / "run")
     assert np.mean([seq[s] for s in range(26, 31)]) < np.mean([seq[s] for s in range(1, 6)])
+    png = plot_run(tmp_path / "run", tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000024", "step-00000028", "step-00000030"]  # keep_last=3, final included
 

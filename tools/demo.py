@@ -41,8 +41,9 @@ def main() -> None:
     step("train a DFlash drafter from the cache", [
         py, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={work}/run",
         f"hydra.run.dir={work}/logs/train"], env)
-    print(f"\ndemo done: cache in {cache} (histograms: {work / 'cache_lengths.png'}), drafter checkpoints and "
-          f"metrics.jsonl in {work / 'run'}")
+    step("plot the training curves", [py, "-m", "tools.plot_run", str(work / "run")], env)
+    print(f"\ndemo done: cache in {cache} (histograms: {work / 'cache_lengths.png'}); drafter checkpoints, "
+          f"metrics.jsonl and curves.png in {work / 'run'}")
 
 
 if __name__ == "__main__":
