@@ -112,57 +112,47 @@ def build_sequences(target: Target, convs: list[Conversation], regenerate: bool,
                     max_length: int, system_prompt: str | None = None,
                     enable_thinking: bool | None = None) -> list[Sequence | SkipSample]:
     """Regenerate (or keep) every assistant turn; return one Sequence, or the SkipSample that stopped it."""
+    def render_msgs(messages, gen_prompt):
+        return render(target, messages, gen_prompt, system_prompt, enable_thinking)
+
     results: list[Sequence | SkipSample | None] = [None] * len(convs)
     answers: list[list[list[int]]] = [[] for _ in convs]
     truncated = [0] * len(convs)
-    header, im_end = assistant_header(target), target.special_tokens()["im_end_id"]
-
-    def args(messages, gen_prompt):
-        return render(target, messages, gen_prompt, system_prompt, enable_thinking)
-
+    prompts: list[tuple[str, list] | None] = [None] * len(convs)  # the latest turn's prompt text and images
     if regenerate:
         for t in range(max(len(c.assistant_turns) for c in convs)):
-            active, texts, images = [], [], []
-            for i, conv in enumerate(convs):
-                if results[i] is not None or t >= len(conv.assistant_turns):
-                    continue
-                texts_so_far = [_answer_text(target, a) for a in answers[i]]
-                msgs = _history(conv, conv.assistant_turns[t], texts_so_far)
-                active.append(i)
-                texts.append(args(msgs, True))
-                images.append(_images_in(msgs, conv))
+            active = [i for i, c in enumerate(convs) if results[i] is None and t < len(c.assistant_turns)]
             if not active:
                 break
-            batch = encode(target, texts, images)
-            prompt_lens = batch["attention_mask"].sum(-1).tolist()
-            too_long = {k for k, n in enumerate(prompt_lens) if n > max_length}
-            for k in too_long:
-                results[active[k]] = SkipSample("too_long", f"prompt of {prompt_lens[k]} tokens > max_length "
-                                                f"{max_length}")
-            if too_long:
-                keep = [k for k in range(len(active)) if k not in too_long]
-                if not keep:
+            for i in active:
+                history = [_answer_text(target, a) for a in answers[i]]
+                msgs = _history(convs[i], convs[i].assistant_turns[t], history)
+                prompts[i] = (render_msgs(msgs, True), _images_in(msgs, convs[i]))
+            batch = encode(target, [prompts[i][0] for i in active], [prompts[i][1] for i in active])
+            for i, n in zip(active, batch["attention_mask"].sum(-1).tolist()):
+                if n > max_length:
+                    results[i] = SkipSample("too_long", f"prompt of {n} tokens > max_length {max_length}")
+            if any(results[i] is not None for i in active):  # re-pad the batch without the skipped prompts
+                active = [i for i in active if results[i] is None]
+                if not active:
                     continue
-                active, texts, images = [active[k] for k in keep], [texts[k] for k in keep], [images[k] for k in keep]
-                batch = encode(target, texts, images)
-            gen, cut = generate(target, batch, max_new_tokens)
-            for i, ids, c in zip(active, gen, cut):
+                batch = encode(target, [prompts[i][0] for i in active], [prompts[i][1] for i in active])
+            for i, ids, cut in zip(active, *generate(target, batch, max_new_tokens)):
                 answers[i].append(ids)
-                truncated[i] += int(c)
+                truncated[i] += int(cut)
 
+    header, im_end = assistant_header(target), target.special_tokens()["im_end_id"]
     for i, conv in enumerate(convs):
         if results[i] is not None:
             continue
         if regenerate:
-            texts_so_far = [_answer_text(target, a) for a in answers[i][:-1]]
-            msgs = _history(conv, conv.assistant_turns[-1], texts_so_far)
-            inputs = encode(target, [args(msgs, True)], [_images_in(msgs, conv)])
+            inputs = encode(target, [prompts[i][0]], [prompts[i][1]])
             prompt = inputs["input_ids"][0].tolist()
             last = answers[i][-1]
             spans = header_spans(prompt, header, im_end) + [(len(prompt), len(prompt) + len(last))]
             inputs = _extend(inputs, last)
         else:
-            inputs = encode(target, [args(conv.messages, False)], [conv.images])
+            inputs = encode(target, [render_msgs(conv.messages, False)], [conv.images])
             spans = header_spans(inputs["input_ids"][0].tolist(), header, im_end)
         length = inputs["input_ids"].shape[1]
         if length > max_length:

@@ -65,6 +65,7 @@ def test_batched_blocks_equal_each_block_run_alone(mode):
     assert checked >= 8
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_dense_mask():
     model = drafter().float()
     ids, mask, pos, hidden, lens = make_batch([40, 33], seed=2, pad_to=48)
