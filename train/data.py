@@ -61,8 +61,13 @@ def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, 
     return batches, skipped
 
 
+# Padded lengths are rounded up to this multiple so that compiled flex-attention kernels see a bounded set of
+# shapes instead of recompiling for every batch; padding changes no draw and no loss (see train/blocks.py).
+PAD_MULTIPLE = 64
+
+
 def collate(items: list[dict]) -> dict:
-    T = max(len(x["input_ids"]) for x in items)
+    T = -(-max(len(x["input_ids"]) for x in items) // PAD_MULTIPLE) * PAD_MULTIPLE
     B = len(items)
     L, H = items[0]["hidden"].shape[1:]
     out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
