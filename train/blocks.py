@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from train.config import GAMMA_BY_BLOCK
+
 _M32 = 0xFFFFFFFF
 
 
@@ -33,8 +35,6 @@ def uniform(seed: int, step: int, salt: int, rows: torch.Tensor, cols: int) -> t
 
 
 def default_gamma(block: int) -> float:
-    from train.config import GAMMA_BY_BLOCK
-
     return GAMMA_BY_BLOCK.get(block, 7.0 * block / 16)
 
 

@@ -20,7 +20,10 @@ class CacheDataset(Dataset):
             raise ValueError(f"drafter.position_source={position_source!r}; choose mrope_axis0 or sequential")
         self.reader = CacheReader(url)
         self.position_source = position_source
-        self.index = [i for i in range(len(self.reader)) if self.reader.locate(i)[0] in set(shards)]
+        starts = self.reader.starts
+        wanted = set(shards)
+        self.index = [i for s, name in enumerate(self.reader.shards) if name in wanted
+                      for i in range(int(starts[s]), int(starts[s + 1]))]
         all_lengths = self.reader.lengths()
         self.lengths = all_lengths[self.index] if self.index else np.zeros(0, dtype=np.int64)
 
