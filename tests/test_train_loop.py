@@ -160,3 +160,22 @@ def test_accelerate_ddp_two_processes_train_and_checkpoint(cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json").exists()
     assert "eval/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_position_source_picks_mrope_axis0_or_sequential(cache):
+    from cache_schema import CacheReader
+    from train.data import CacheDataset
+
+    reader = CacheReader(str(cache))
+    axis0 = CacheDataset(str(cache), reader.shards, "mrope_axis0")
+    seq = CacheDataset(str(cache), reader.shards, "sequential")
+    with_images = [i for i in range(len(axis0)) if reader[axis0.index[i]].meta["num_image_tokens"] > 0]
+    compressed = 0
+    for i in with_images:
+        cached = reader[axis0.index[i]].position_ids
+        assert axis0[i]["positions"].tolist() == cached[0].tolist()
+        assert seq[i]["positions"].tolist() == list(range(len(cached[0])))
+        compressed += cached[0].tolist() != list(range(len(cached[0])))
+    assert compressed  # M-RoPE holds axis 0 still across an image wider than one merged patch
+    with pytest.raises(ValueError, match="drafter.position_source"):
+        CacheDataset(str(cache), reader.shards, "axis1")
