@@ -154,8 +154,8 @@ def train(cfg: TrainConfig) -> TrainState:
         step_logs = []
         for micro in range(cfg.optim.grad_accum):
             batch = {k: v.to(device) for k, v in next(stream).items()}
-            with accelerator.autocast(), accelerator.no_sync(model) if micro + 1 < cfg.optim.grad_accum else \
-                    contextlib.nullcontext():
+            last_micro = micro + 1 == cfg.optim.grad_accum
+            with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 loss, m = objective(model, head_VH, batch, state.step * cfg.optim.grad_accum + micro)
                 accelerator.backward(loss / cfg.optim.grad_accum)
             step_logs.append(m)
@@ -165,15 +165,15 @@ def train(cfg: TrainConfig) -> TrainState:
         state.step += 1
         tokens = sum(m["tokens"] for m in step_logs)
         state.tokens += tokens
-        metrics.add({k: sum(m[k] for m in step_logs if k in m) / len(step_logs) for k in step_logs[0] if k != "tokens"},
-                    tokens=tokens, seconds=time.perf_counter() - started)
+        means = {k: sum(m[k] for m in step_logs if k in m) / len(step_logs) for k in step_logs[0] if k != "tokens"}
+        metrics.add(means, tokens=tokens, seconds=time.perf_counter() - started)
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_steps:
             row = metrics.flush(state.step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['acceptance_estimate']:.2f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}")
+                            sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and accelerator.is_main_process:
-            # The unwrapped model: a DDP forward on one rank alone would wait for the others' buffer broadcast.
+            # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
             metrics.write(state.step, evaluate(core, head_VH, objective, eval_set, cfg, device))
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.optim.max_steps:
             save()

@@ -38,7 +38,7 @@ class MetricLog:
 
     def flush(self, step: int, **extra) -> dict:
         row = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        row.update(extra, tokens_per_s=self.tokens / max(self.seconds, 1e-9))
+        row.update(extra, supervised_tokens_per_s=self.tokens / max(self.seconds, 1e-9))
         self.sums, self.count, self.tokens, self.seconds = {}, 0, 0, 0.0
         self.write(step, row)
         return row
