@@ -95,7 +95,7 @@ def run_child(spec: dict) -> dict:
 
 def loader_tokens_per_s(hidden: int, layers: int, workers: int, samples: int = 192) -> float:
     """Tokens/s the cache DataLoader delivers (random token-budget batches, `workers` processes)."""
-    from cache_schema import CacheWriter, Manifest, Sample, StorageInfo, TargetInfo
+    from cache_schema import CacheReader, CacheWriter, Manifest, Sample, StorageInfo, TargetInfo
     from torch.utils.data import DataLoader
 
     from train.data import CacheDataset, collate, token_budget_batches
@@ -111,7 +111,7 @@ def loader_tokens_per_s(hidden: int, layers: int, workers: int, samples: int = 1
             shard.add(Sample(f"{s}-{i}", torch.randint(0, 4096, (t,)).int().numpy(), (torch.rand(t) < .6).numpy(),
                              torch.arange(t).int().expand(3, t).numpy(), torch.randn(t, layers, hidden).bfloat16()))
         shard.commit()
-    ds = CacheDataset(root, ["s0", "s1"], "mrope_axis0")
+    ds = CacheDataset(CacheReader(root), ["s0", "s1"], "mrope_axis0")
     batches, _ = token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
     # Steady state: the clock starts once every worker has delivered its first batch (start-up excluded).
     tokens, t0 = 0, None

@@ -167,8 +167,8 @@ def test_position_source_picks_mrope_axis0_or_sequential(cache):
     from train.data import CacheDataset
 
     reader = CacheReader(str(cache))
-    axis0 = CacheDataset(str(cache), reader.shards, "mrope_axis0")
-    seq = CacheDataset(str(cache), reader.shards, "sequential")
+    axis0 = CacheDataset(reader, reader.shards, "mrope_axis0")
+    seq = CacheDataset(reader, reader.shards, "sequential")
     with_images = [i for i in range(len(axis0)) if reader[axis0.index[i]].meta["num_image_tokens"] > 0]
     compressed = 0
     for i in with_images:
@@ -178,4 +178,4 @@ def test_position_source_picks_mrope_axis0_or_sequential(cache):
         compressed += cached[0].tolist() != list(range(len(cached[0])))
     assert compressed  # M-RoPE holds axis 0 still across an image wider than one merged patch
     with pytest.raises(ValueError, match="drafter.position_source"):
-        CacheDataset(str(cache), reader.shards, "axis1")
+        CacheDataset(reader, reader.shards, "axis1")

@@ -15,10 +15,10 @@ log = logging.getLogger(__name__)
 class CacheDataset(Dataset):
     """Samples of the chosen shards of a cache; `positions` is the drafter's 1-D position source."""
 
-    def __init__(self, url: str, shards: list[str], position_source: str):
+    def __init__(self, reader: CacheReader, shards: list[str], position_source: str):
         if position_source not in ("mrope_axis0", "sequential"):
             raise ValueError(f"drafter.position_source={position_source!r}; choose mrope_axis0 or sequential")
-        self.reader = CacheReader(url)
+        self.reader = reader
         self.position_source = position_source
         starts = self.reader.starts
         wanted = set(shards)

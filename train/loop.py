@@ -115,8 +115,8 @@ def train(cfg: TrainConfig) -> TrainState:
     mask_id = check_cache(cfg, reader)
     head = reader.head_tensors()
     train_shards, eval_shards = split_shards(reader, cfg.data.eval_shards)
-    train_set = CacheDataset(cfg.data.cache, train_shards, cfg.drafter.position_source)
-    eval_set = CacheDataset(cfg.data.cache, eval_shards, cfg.drafter.position_source)
+    train_set = CacheDataset(reader, train_shards, cfg.drafter.position_source)
+    eval_set = CacheDataset(reader, eval_shards, cfg.drafter.position_source)
 
     # 2. Model (fp32 master weights), optimiser, schedule, objective.
     torch.manual_seed(cfg.seed)
