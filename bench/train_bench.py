@@ -120,6 +120,8 @@ def loader_tokens_per_s(hidden: int, layers: int, workers: int, samples: int = 1
             t0 = time.perf_counter()
         elif t0 is not None:
             tokens += int(batch["lengths"].sum())
+    if not tokens:
+        raise ValueError(f"{len(batches)} batches are too few to measure {workers} workers past start-up")
     return tokens / (time.perf_counter() - t0)
 
 
