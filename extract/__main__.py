@@ -1,4 +1,4 @@
-"""`python -m extract out=CACHE data.shards='shards/train-{000000..000009}.tar' target=tiny_qwen3_vl ...`"""
+"""`python -m extract out=CACHE data.shards='shards/train-{000000..000009}.tar' target=qwen3vl30b ...`"""
 
 import logging
 

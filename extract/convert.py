@@ -7,8 +7,8 @@
 IMAGE_DIR. `hf`: a Hugging Face `datasets` dataset (saved to disk or loadable by name) with a
 `conversations` or `messages` column and an image column of PIL images. Images are stored under
 `KEY.<i>.<ext>` (files keep their bytes, `datasets` images are encoded in their own format); a record
-whose image file is missing still names it, so `extract`
-skips it with reason `missing_image` and nothing silently disappears.
+whose image file is missing still names it, so `extract` skips it with reason `missing_image` and nothing
+silently disappears.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Prompt rendering with the target's own chat template, and greedy regeneration of every assistant turn.
 
 Turns are regenerated in order, each conditioned on the regenerated history; a batch of conversations is
-generated together with left padding (which changes no token: see tests/test_extract.py).
+generated together with left padding (which changes no token: see tests/test_extract_model.py).
 """
 
 from dataclasses import dataclass, field
@@ -67,11 +67,11 @@ def _images_in(messages: list[dict], conv: Conversation) -> list:
 
 def generate(target: Target, batch: dict, max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
     """Greedy continuation of a left-padded batch; each row cut after its first end-of-turn token."""
-    eos = target.eos_ids()
+    eos = target.eos_ids
     suppress = [t for t in (target.token_id(s) for s in SUPPRESSED_TOKENS) if t is not None]
     batch = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     out = target.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                pad_token_id=target.special_tokens().get("pad_token_id", eos[0]),
+                                pad_token_id=target.special_tokens.get("pad_token_id", eos[0]),
                                 suppress_tokens=suppress or None, temperature=None, top_p=None, top_k=None)
     new = out[:, batch["input_ids"].shape[1]:].tolist()
     answers, truncated = [], []
@@ -83,7 +83,7 @@ def generate(target: Target, batch: dict, max_new_tokens: int) -> tuple[list[lis
 
 
 def _answer_text(target: Target, ids: list[int]) -> str:
-    if ids and ids[-1] in target.eos_ids():
+    if ids and ids[-1] in target.eos_ids:
         ids = ids[:-1]
     return target.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -141,7 +141,7 @@ def build_sequences(target: Target, convs: list[Conversation], regenerate: bool,
                 answers[i].append(ids)
                 truncated[i] += int(cut)
 
-    header, im_end = assistant_header(target), target.special_tokens()["im_end_id"]
+    header, im_end = assistant_header(target), target.special_tokens["im_end_id"]
     for i, conv in enumerate(convs):
         if results[i] is not None:
             continue

@@ -46,10 +46,9 @@ def make_manifest(cfg: ExtractConfig, target: Target, layer_ids: list[int]) -> M
                   "max_length": cfg.data.max_length, "system_prompt": cfg.target.system_prompt,
                   "enable_thinking": cfg.target.enable_thinking, "target_dtype": cfg.target.dtype,
                   "greedy": True}
-    return Manifest(target=info, target_layer_ids=layer_ids,
-                    storage=cfg.storage,
+    return Manifest(target=info, target_layer_ids=layer_ids, storage=cfg.storage,
                     tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer), generation=generation,
-                    special_tokens=target.special_tokens())
+                    special_tokens=target.special_tokens)
 
 
 def export_target_files(writer: CacheWriter, target: Target) -> None:
@@ -116,7 +115,6 @@ def run(cfg: ExtractConfig) -> dict:
                     continue
                 sample = capture(target, result, layer_ids)
                 shard.add(sample)
-                totals["samples"] += 1
                 totals["captured_tokens"] += len(sample)
                 totals["generated_tokens"] += result.generated_tokens
             elapsed = time.perf_counter() - start
@@ -124,7 +122,6 @@ def run(cfg: ExtractConfig) -> dict:
             bar.set_postfix(gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
                             cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=sum(skips.values()))
         shard.commit({"source": url, "skipped": dict(skips)})
-        totals.update({f"skipped.{k}": v for k, v in skips.items()})
     bar.close()
     state.wait_for_everyone()
     if not state.is_main_process:

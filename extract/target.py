@@ -11,6 +11,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -102,12 +103,14 @@ class Target:
         tid = self.tokenizer.convert_tokens_to_ids(token)
         return None if tid is None or tid == self.tokenizer.unk_token_id else tid
 
+    @cached_property
     def special_tokens(self) -> dict[str, int]:
         names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                  "vision_start_token_id": "<|vision_start|>", "im_start_id": "<|im_start|>",
                  "im_end_id": "<|im_end|>", "pad_token_id": self.tokenizer.pad_token or "<|endoftext|>"}
         return {k: t for k, v in names.items() if (t := self.token_id(v)) is not None}
 
+    @cached_property
     def eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])

@@ -73,11 +73,11 @@ def test_regeneration_equals_generate_with_and_without_batching(family, tiny_tar
         msgs = conv.messages[:conv.assistant_turns[0]]
         inputs = encode(target, [render(target, msgs, True, None, None)], [conv.images[:sum(
             p["type"] == "image" for m in msgs for p in m["content"])]])
-        out = target.model.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=target.eos_ids(),
+        out = target.model.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=target.eos_ids,
                                     suppress_tokens=suppress)
         ref = out[0, inputs["input_ids"].shape[1]:].tolist()
         assert b.answers[0] == ref[:len(b.answers[0])] and len(b.answers[0]) == len(ref), conv.key
-        stopped += b.answers[0][-1] in target.eos_ids()
+        stopped += b.answers[0][-1] in target.eos_ids
     if family == "qwen3_vl":  # its end-of-turn row is tuned so that turns end by themselves (tools/tiny_targets)
         assert 0 < stopped
 
