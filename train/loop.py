@@ -38,19 +38,21 @@ def cosine_with_warmup(cfg):
 
 
 class Objective:
-    """Everything the loss needs beside the model: block size, mask id, gamma, draft vocabulary, backend."""
+    """Everything the loss needs beside the model: block size, mask id, gamma, the (draft) head, backend."""
 
-    def __init__(self, cfg: TrainConfig, mask_id: int, token_freq, device):
+    def __init__(self, cfg: TrainConfig, mask_id: int, token_freq, head_VH: torch.Tensor):
         self.cfg, self.mask_id = cfg, mask_id
         self.block = cfg.drafter.block_size
         self.gamma = cfg.objective.gamma or default_gamma(self.block)
+        device = head_VH.device
         self.backend = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "dense")
-        self.vocab_ids = self.t2d = None
+        self.head_VH, self.t2d = head_VH, None
         if cfg.objective.draft_vocab_size:
             ids, t2d = draft_vocab(torch.as_tensor(token_freq), cfg.objective.draft_vocab_size)
-            self.vocab_ids, self.t2d = ids.to(device), t2d.to(device)
+            # The head is frozen, so the draft-vocabulary rows are gathered once, not at every step.
+            self.head_VH, self.t2d = head_VH[ids.to(device)], t2d.to(device)
 
-    def __call__(self, model, head_VH, batch: dict, step: int):
+    def __call__(self, model, batch: dict, step: int):
         o = self.cfg.objective
         anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], batch["sample_ids"], o.num_anchors,
                                        self.cfg.seed, step)
@@ -60,8 +62,7 @@ class Objective:
                              keep, prefix, self.block, self.mask_id, self.gamma)
         mask = build_mask(anchors, batch["lengths"], batch["input_ids"].shape[1], self.block, self.backend)
         h = model(batch["hidden"], batch["positions"], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
-        head = head_VH if self.vocab_ids is None else head_VH[self.vocab_ids]
-        loss, correct = chunked_loss(h, head, blocks.labels_BQ, blocks.weights_BQ, o.loss_chunk_rows, self.t2d)
+        loss, correct = chunked_loss(h, self.head_VH, blocks.labels_BQ, blocks.weights_BQ, o.loss_chunk_rows, self.t2d)
         return loss, {"loss": loss.item(), **block_metrics(correct, blocks, self.block),
                       "tokens": int(batch["loss_mask"].sum())}
 
@@ -85,14 +86,11 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
 
 
 @torch.no_grad()
-def evaluate(model, head, objective: Objective, dataset, cfg: TrainConfig, device) -> dict:
-    if len(dataset) == 0:
-        return {}
-    batches = epoch_batches(dataset, cfg.data, cfg.seed, 0)[:cfg.eval_batches]
+def evaluate(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
     totals, weights = {}, 0
     for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        _, m = objective(model, head, batch, step=0)  # fixed draws: evaluations compare across steps
+        _, m = objective(model, batch, step=0)  # fixed draws: evaluations compare across steps
         n = m.pop("tokens")
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v * n
@@ -124,7 +122,6 @@ def train(cfg: TrainConfig) -> TrainState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim))
-    objective = Objective(cfg, mask_id, reader.token_frequencies(), device)
     state = TrainState()
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     if resume_from:
@@ -132,7 +129,8 @@ def train(cfg: TrainConfig) -> TrainState:
         log.info("resumed from %s at step %d", resume_from, state.step)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
-    head_VH = core.lm_head_VH
+    objective = Objective(cfg, mask_id, reader.token_frequencies(), core.lm_head_VH)
+    eval_batches = epoch_batches(eval_set, cfg.data, cfg.seed, 0)[:cfg.eval_batches] if len(eval_set) else []
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def save():
@@ -156,7 +154,7 @@ def train(cfg: TrainConfig) -> TrainState:
             batch = {k: v.to(device) for k, v in next(stream).items()}
             last_micro = micro + 1 == cfg.optim.grad_accum
             with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss, m = objective(model, head_VH, batch, state.step * cfg.optim.grad_accum + micro)
+                loss, m = objective(model, batch, state.step * cfg.optim.grad_accum + micro)
                 accelerator.backward(loss / cfg.optim.grad_accum)
             step_logs.append(m)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -172,9 +170,9 @@ def train(cfg: TrainConfig) -> TrainState:
             row = metrics.flush(state.step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['acceptance_estimate']:.2f}",
                             sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and accelerator.is_main_process:
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_batches and accelerator.is_main_process:
             # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
-            metrics.write(state.step, evaluate(core, head_VH, objective, eval_set, cfg, device))
+            metrics.write(state.step, evaluate(core, objective, eval_set, eval_batches, device))
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.optim.max_steps:
             save()
     bar.close()

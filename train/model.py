@@ -124,6 +124,5 @@ class Drafter(nn.Module):
             x = layer(x, ctx, block_pos_BQ, ctx_pos_BT, self.rope, mask, backend)
         return self.norm(x)
 
-    def logits(self, h_BQH: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
-        head = self.lm_head_VH if vocab_ids is None else self.lm_head_VH[vocab_ids]
-        return h_BQH @ head.to(h_BQH.dtype).T
+    def logits(self, h_BQH: torch.Tensor) -> torch.Tensor:
+        return h_BQH @ self.lm_head_VH.to(h_BQH.dtype).T
