@@ -7,7 +7,6 @@ k >= s, where s = 1 (DFlash) or p (VP). All randomness is a hash of (seed, step,
 batch's draws do not depend on its padding and a resumed run draws exactly what the first run would have.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -147,11 +146,13 @@ def block_metrics(correct_BQ, blocks: Blocks, block: int) -> dict:
     given = k < blocks.prefix_BN[..., None]
     run = torch.cumprod((correct | given)[..., 1:].long(), dim=-1).sum(-1) - (blocks.prefix_BN - 1)
     kept = blocks.keep_BN
-    out = {"acceptance_estimate": ((run.clamp_min(0) + 1).float()[kept].mean().item() if kept.any() else math.nan)}
-    for slot in range(1, block):
-        m = scored[..., slot]
-        if m.any():
-            out[f"acc_{slot}"] = correct[..., slot][m].float().mean().item()
+    tau = ((run.clamp_min(0) + 1).float() * kept).sum() / kept.sum()  # nan when no block was kept
+    scored_per_slot = scored.sum((0, 1))
+    acc = (correct & scored).sum((0, 1)).float() / scored_per_slot.clamp_min(1)
+    # One transfer for all values: a .item() per slot would synchronise with the GPU block_size times a step.
+    values = torch.cat([tau[None], acc, scored_per_slot.float()]).tolist()
+    out = {"acceptance_estimate": values[0]}
+    out.update({f"acc_{s}": values[1 + s] for s in range(1, block) if values[1 + block + s] > 0})
     return out
 
 
@@ -160,8 +161,8 @@ def draft_vocab(token_freq_V: torch.Tensor, size: int):
     V = token_freq_V.numel()
     if not 0 < size <= V:
         raise ValueError(f"objective.draft_vocab_size={size} must be in [1, {V}]")
-    order = sorted(range(V), key=lambda i: (-int(token_freq_V[i]), i))[:size]
-    ids = torch.tensor(sorted(order), dtype=torch.long)
+    order = torch.sort(-torch.as_tensor(token_freq_V, dtype=torch.long), stable=True).indices[:size]  # ties: lower id
+    ids = order.sort().values
     t2d = torch.full((V,), -1, dtype=torch.long)
     t2d[ids] = torch.arange(size)
     return ids, t2d
