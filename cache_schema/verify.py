@@ -22,7 +22,7 @@ def verify(url: str, progress: bool = True) -> dict:
     m = reader.manifest
     row_shapes = {"hidden": (m.num_layers, m.target.hidden_size), "hidden_scale": (m.num_layers,),
                   "position_ids": (3,), "input_ids": (), "loss_mask": ()}
-    total_tokens = int(sum(reader.markers[s]["tokens"] for s in reader.shards))
+    total_tokens = reader.stats["tokens"]
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="verify", disable=not progress)
     for shard in reader.shards:
         marker = reader.markers[shard]
