@@ -63,18 +63,18 @@ def chat_template(family: str) -> str:
     return _TEMPLATE.replace("THINK_BLOCK", _THINK_BLOCKS[THINK_STYLE[family]])
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """Byte-level BPE trained on the toy corpus, with the Qwen pre-tokenizer and special tokens."""
+def build_tokenizer(corpus: list[str] | None = None, vocab: int = BPE_VOCAB) -> Qwen2Tokenizer:
+    """Byte-level BPE trained on `corpus` (default: the toy corpus), with the Qwen pre-tokenizer and specials."""
     reference = Qwen2Tokenizer()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
+        vocab_size=vocab,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(training_text(), trainer=trainer)
+    bpe.train_from_iterator(training_text() if corpus is None else corpus, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
