@@ -47,7 +47,7 @@ extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.ta
 	$(LAUNCH) -m extract target=$(CONF) "data.shards='$(DATA)'" out=$(OUT) $(ARGS)
 
 train: setup ## stage two: make train CONF=qwen3vl30b CACHE=cache/qwen3vl30b [RUN=runs/x NGPU=8 ARGS='optim.lr=3e-4']
-	$(LAUNCH) -m train setup=$(CONF) data.cache=$(CACHE) run_dir=$(or $(RUN),runs/$(CONF)) $(ARGS)
+	$(LAUNCH) -m train setup=$(CONF) data.cache=$(CACHE) $(if $(RUN),run_dir=$(RUN)) $(ARGS)
 
 export: setup ## ship a drafter to vLLM/SGLang: make export CKPT=runs/x FORMAT=speculators|dflash OUT=exports/x
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=run_or_checkpoint_dir FORMAT=speculators|dflash OUT=dir [ARGS='--dtype float32']"; exit 2; }

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.attention import build_mask  # noqa: E402
-from train.blocks import chunked_loss, make_blocks, sample_anchors, sample_prefix  # noqa: E402
 from train.config import DrafterConfig  # noqa: E402
 from train.model import Drafter  # noqa: E402
+from train.objective import Objective, draft_vocab, summarise  # noqa: E402
 
 SMALL = dict(hidden_size=256, num_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
              intermediate_size=768)
@@ -39,29 +38,32 @@ def one_config(spec: dict) -> dict:
     cfg = DrafterConfig(vocab_size=V, target_layer_ids=list(range(layers)), block_size=spec["block"],
                         mask_token_id=V - 1, **dims)
     H = cfg.hidden_size
-    model = Drafter(cfg, torch.randn(V, H) * 0.02, torch.randn(V, H) * 0.02).to(device)
+    model = Drafter(cfg, (torch.randn(V, H) * 0.02).bfloat16(), (torch.randn(V, H) * 0.02).bfloat16()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, V - 1, (1, T), device=device)
     mask = torch.rand(1, T, device=device) < 0.7
-    pos = torch.arange(T, device=device)[None]
-    hidden = torch.randn(1, T, layers, H, device=device).to(torch.bfloat16)
-    lens = torch.tensor([T], device=device)
-    sid = torch.tensor([0], device=device)
-    chunk = spec["chunk_rows"] or 1 << 30
+    batch = {"input_ids": ids, "loss_mask": mask, "positions": torch.arange(T, device=device)[None],
+             "hidden": torch.randn(1, T, layers, H, device=device).to(torch.bfloat16),
+             "lengths": torch.tensor([T], device=device), "sample_ids": torch.tensor([0], device=device)}
+    draft_ids = draft_vocab(torch.bincount(ids[mask].cpu(), minlength=V), spec["draft_vocab"]).to(device) \
+        if spec.get("draft_vocab") else None
+    objective = Objective(block_size=cfg.block_size, mask_id=V - 1, head_VH=model.lm_head_VH, gamma=7.0,
+                          num_anchors=spec["anchors"], loss_chunk_rows=spec["chunk_rows"] or 1 << 30,
+                          draft_ids=draft_ids, backend=spec["attention"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
                                                                                                    enabled=False)
 
     def step(k):
-        anchors, keep = sample_anchors(mask, lens, sid, spec["anchors"], 0, k)
-        prefix = sample_prefix(keep, sid, 0, k, cfg.block_size, 0.9, "dflash")
-        blocks = make_blocks(ids, pos, mask, lens, anchors, keep, prefix, cfg.block_size, V - 1, 7.0)
-        m = build_mask(anchors, lens, T, cfg.block_size, spec["attention"])
+        # The training loop's step: the shared objective, step-weight normalisation, the finite-gradient check.
+        blocks = objective.blocks(batch, k)
         with autocast:
-            h = model(hidden, pos, blocks.ids_BQ, blocks.pos_BQ, m, spec["attention"])
-            loss, _ = chunked_loss(h, model.lm_head_VH, blocks.labels_BQ, blocks.weights_BQ, chunk)
-        loss.backward()
-        opt.step()
+            loss_sum, stats = objective.loss(model, batch, blocks)
+        (loss_sum / blocks.weights_BQ.sum().clamp_min(1e-8)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(grad_norm):
+            opt.step()
         opt.zero_grad(set_to_none=True)
+        summarise(stats)
 
     for k in range(2):
         step(k)
@@ -146,10 +148,12 @@ def main() -> None:
         base = {"device": "cpu", "shape": "small", "attention": "dense", "steps": 2}
         grid = [{**base, "seq": s, "anchors": a, "block": b, "vocab": v, "chunk_rows": 2048}
                 for s in (512, 2048) for a in (64, 256) for b in (8, 16) for v in (4096, 32768)]
-        grid += [{**base, "seq": 2048, "anchors": 256, "block": 16, "vocab": 32768, "chunk_rows": None}]
+        grid += [{**base, "seq": 2048, "anchors": 256, "block": 16, "vocab": 32768, "chunk_rows": None},
+                 {**base, "seq": 2048, "anchors": 256, "block": 16, "vocab": 32768, "chunk_rows": 2048,
+                  "draft_vocab": 8192}]
     print(f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if args.gpu else 'CPU'}")
-    print("| shape | attention | seq | anchors | block | vocab | loss chunk | step ms | tok/s | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | attention | seq | anchors | block | vocab | draft vocab | loss chunk | step ms | tok/s | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for spec in grid:
         r = run_child(spec)
@@ -158,7 +162,7 @@ def main() -> None:
             print(f"| {spec} | {r['error']} |")
             continue
         print(f"| {spec['shape']} | {spec['attention']} | {spec['seq']} | {spec['anchors']} | {spec['block']} | "
-              f"{spec['vocab']} | {spec['chunk_rows'] or 'none'} | {1000 * r['step_s']:.0f} | "
+              f"{spec['vocab']} | {spec.get('draft_vocab') or 'full'} | {spec['chunk_rows'] or 'none'} | {1000 * r['step_s']:.0f} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} |", flush=True)
     # The loader is measured at the hidden size of the first configuration and compared with its step.
     first = results[0]

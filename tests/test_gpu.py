@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from train.attention import build_mask
-from train.blocks import chunked_loss, make_blocks, sample_anchors, sample_prefix
+from train.objective import chunked_loss, make_blocks, sample_anchors, sample_prefix
 from test_train_objective import BLOCK, MASK, drafter, make_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

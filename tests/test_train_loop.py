@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
+from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 from extract.run import run as extract
 from tools.plot_run import plot as plot_run
-from train.blocks import draft_vocab
-from train.config import TrainConfig
+from train.config import TrainConfig, validate
+from train.objective import draft_vocab
 from train.data import token_budget_batches
 from train.loop import train
 
@@ -35,7 +37,7 @@ def cache(tmp_path_factory, tiny_targets, demo_shards):
     shards = list(demo_shards) + write_shards(tmp / "more", shards=1, samples=8, seed=9)
     extract(ExtractConfig(out=str(tmp / "cache"), target=TargetConfig(path=str(target), dtype="float32", device="cpu",
                                                                       layer_ids=[2, 4, 5]),
-                          data=DataConfig(shards=",".join(map(str, shards))),
+                          data=InputConfig(shards=",".join(map(str, shards))),
                           generation=GenerationConfig(max_new_tokens=24, batch_size=8), progress=False))
     shutil.rmtree(target)  # training must not need it
     return tmp / "cache"
@@ -106,19 +108,44 @@ def test_drafter_cache_mismatch_is_refused_naming_the_key(cache, tmp_path, overr
 
 
 def test_unknown_config_key_is_refused():
-    with pytest.raises(Exception, match="optim.learning_rate"):
+    with pytest.raises(ConfigCompositionException, match="optim.learning_rate"):
         compose_train("optim.learning_rate=3e-4", "data.cache=x")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "setup").glob("*.yaml")))
-def test_every_named_setup_composes(name):
+def test_every_named_setup_composes_and_leaves_the_target_dimensions_to_the_cache(name):
     cfg = compose_train(f"setup={name}", "data.cache=x")
-    assert isinstance(cfg, TrainConfig)
+    validate(cfg)
     d = cfg.drafter
-    assert d.hidden_size > 0 and d.vocab_size > 0 and len(d.target_layer_ids) >= 1
-    assert d.num_attention_heads % d.num_key_value_heads == 0
-    assert d.mask_token_id is None or d.mask_token_id < d.vocab_size
-    assert d.block_size in (8, 10, 16)
+    # What the cache knows is never restated: a setup that did could contradict the cache it trains from.
+    assert d.hidden_size is None and d.vocab_size is None and d.target_layer_ids is None
+    assert d.mask_token_id is None  # resolved once, from the cache's tokenizer
+    assert d.position_source == "sequential" and d.partial_rotary_factor == 1.0  # what serving engines feed
+    assert (ROOT / "conf" / "target" / f"{name}.yaml").exists()  # a setup trains on its target's cache
+
+
+def test_each_default_is_stated_once():
+    """YAML group files state only what differs from the dataclass defaults."""
+    from train.config import DataConfig, DrafterConfig, ObjectiveConfig, OptimConfig
+
+    for group, schema in (("drafter", DrafterConfig), ("objective", ObjectiveConfig), ("optim", OptimConfig),
+                          ("data", DataConfig)):
+        for path in (ROOT / "conf" / group).glob("*.yaml"):
+            stated = OmegaConf.load(path) or {}
+            same = [k for k, v in OmegaConf.to_container(stated).items() if getattr(schema(), k, object()) == v]
+            assert not same, f"{path.name} restates the defaults of {same}"
+
+
+@pytest.mark.parametrize("override, key", [("optim.grad_accum=0", "optim.grad_accum"),
+                                           ("objective.num_anchors=0", "objective.num_anchors"),
+                                           ("objective.gamma=0", "objective.gamma"),
+                                           ("objective.mode=eagle", "objective.mode"),
+                                           ("drafter.position_source=axis1", "drafter.position_source"),
+                                           ("data.num_workers=-1", "data.num_workers")])
+def test_impossible_settings_are_refused_naming_the_key(override, key):
+    cfg = compose_train("setup=tiny", "data.cache=does-not-exist", override)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train(cfg)  # refused before the cache is opened
 
 
 def test_sweep_gives_each_job_its_own_run_directory(cache, tmp_path):
@@ -144,22 +171,34 @@ def test_token_budget_batches_cover_every_sample_once_within_budget():
 
 
 def test_draft_vocab_keeps_the_most_frequent_tokens():
-    freq = np.array([5, 0, 9, 9, 1, 7])
-    ids, t2d = draft_vocab(__import__("torch").as_tensor(freq), 3)
-    assert ids.tolist() == [2, 3, 5]
-    assert t2d.tolist() == [-1, -1, 0, 1, -1, 2]
+    freq = np.array([5, 0, 9, 9, 1, 7, 5])
+    assert draft_vocab(torch.as_tensor(freq), 3).tolist() == [2, 3, 5]
+    assert draft_vocab(torch.as_tensor(freq), 4).tolist() == [0, 2, 3, 5]  # a tie goes to the lower id
+    with pytest.raises(ValueError, match="objective.draft_vocab_size"):
+        draft_vocab(torch.as_tensor(freq), 0)
 
 
-def test_accelerate_ddp_two_processes_train_and_checkpoint(cache, tmp_path):
+def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identical_weights(cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from ddp_probe import digest
+
+    run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train", "setup=tiny",
-           f"data.cache={cache}", f"run_dir={tmp_path}/run", "optim.max_steps=6", "eval_every=3", "save_every=3",
-           "progress=false", "objective.num_anchors=16", "data.max_tokens_per_batch=1024",
-           f"hydra.run.dir={tmp_path}/hydra"]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), "setup=tiny", f"data.cache={cache}", f"run_dir={run}",
+           "optim.max_steps=3", "eval_every=2", "save_every=2", "progress=false", "objective.num_anchors=16",
+           "data.max_tokens_per_batch=1024"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json").exists()
-    assert "eval/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = [{i for batch in r["batches"] for i in batch} for r in ranks]
+    assert all(len(r["batches"]) == 3 for r in ranks) and seen[0] and seen[1]
+    assert not seen[0] & seen[1]  # one epoch, two ranks: no sample trained twice
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients were averaged: the replicas agree
+    saved = load_file(str(run / "checkpoints" / "step-00000003" / "model.safetensors"))
+    assert digest(saved) == ranks[0]["digest"]
+    assert "eval/loss" in (run / "metrics.jsonl").read_text()
 
 
 def test_position_source_picks_mrope_axis0_or_sequential(cache):

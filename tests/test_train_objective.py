@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from train.attention import build_mask
-from train.blocks import (block_metrics, chunked_loss, draft_vocab, make_blocks, sample_anchors, sample_prefix)
 from train.config import DrafterConfig
 from train.model import Drafter
+from train.objective import (Blocks, Objective, add_sums, block_stats, chunked_loss, draft_vocab, make_blocks,
+                             resolve_gamma, sample_anchors, sample_prefix, summarise)
 
 V, H, L, BLOCK, MASK = 97, 32, 3, 4, 96
 
@@ -95,7 +96,7 @@ def test_blocks_labels_weights_equal_per_slot_loop(mode, base):
             a, p = int(anchors[b, j]), int(prefix[b, j])
             assert (p == 1) if mode == "dflash" else (2 <= p <= block - 1)
             if keep[b, j]:
-                assert mask[b, a] and a + 1 < lens[b]
+                assert mask[b, a] and mask[b, a + 1] and a + 1 < lens[b]
             for k in range(block):
                 q = j * block + k
                 inside = a + k < lens[b]
@@ -133,47 +134,112 @@ def test_anchor_sampling_is_invariant_to_padding():
     assert not torch.equal(a1, a3)  # a new step draws new anchors
 
 
-@pytest.mark.parametrize("vocab_size", [None, 40])
+def test_anchors_need_a_supervised_next_position():
+    # Two turns: the first ends at position 4 (its end-of-turn token), the second starts at 8.
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    anchors, keep = sample_anchors(mask, torch.tensor([12]), torch.tensor([0]), 12, seed=0, step=0)
+    assert sorted(anchors[keep].tolist()) == [1, 2, 3, 8, 9]  # not 4 or 10: nothing supervised follows them
+
+
+def test_gamma_null_picks_the_block_default_and_inf_turns_the_decay_off():
+    assert resolve_gamma(None, 8) == 4.0 and resolve_gamma(None, 16) == 7.0 and resolve_gamma(2.5, 8) == 2.5
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="objective.gamma"):
+            resolve_gamma(bad, 8)
+    ids, mask, pos, _, lens = make_batch([30], seed=4)
+    mask[:] = True
+    sids = torch.tensor([0])
+    anchors, keep = sample_anchors(mask, lens, sids, 3, 0, 0)
+    prefix = sample_prefix(keep, sids, 0, 0, 6, 0.9, "dflash")
+    flat = make_blocks(ids, pos, mask, lens, anchors, keep, prefix, 6, MASK, math.inf).weights_BQ.view(-1, 6)
+    kept = flat[keep[0]]
+    assert torch.equal(kept, (kept > 0).float()) and kept[:, 1:].sum() >= 3 * 5 - 4  # 1 wherever scored
+    assert torch.equal(kept[:, 0], torch.zeros(len(kept)))
+
+
+def _head_logits_loss(h, head, labels, weights):
+    ce = torch.nn.functional.cross_entropy((h @ head.T).flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum()
+
+
+@pytest.mark.parametrize("vocab_size", [None, 12])
 def test_chunked_loss_and_gradients_equal_unchunked(vocab_size):
+    """The objective's chunked loss (full or draft vocabulary) against a direct cross-entropy over the whole
+    (or the gathered draft) head, and its gradients against that reference's."""
     ids, mask, pos, hidden, lens = make_batch([25, 19], seed=6)
-    sids = torch.tensor([0, 1])
-    anchors, keep = sample_anchors(mask, lens, sids, 6, 0, 0)
-    blocks = make_blocks(ids, pos, mask, lens, anchors, keep, sample_prefix(keep, sids, 0, 0, BLOCK, 0.9, "dflash"),
-                         BLOCK, MASK, 4.0)
-    t2d = draft_vocab(torch.bincount(ids[mask], minlength=V), vocab_size)[1] if vocab_size else None
+    batch = {"input_ids": ids, "loss_mask": mask, "positions": pos, "hidden": hidden.double(), "lengths": lens,
+             "sample_ids": torch.tensor([0, 1])}
+    draft_ids = draft_vocab(torch.bincount(ids[mask], minlength=V), vocab_size) if vocab_size else None
     results = []
-    for chunk in (5, 10_000):
+    for chunk in (5, 10_000, None):
         model = drafter(seed=3)
-        h = model(hidden, pos, blocks.ids_BQ, blocks.pos_BQ, build_mask(anchors, lens, ids.shape[1], BLOCK, "dense"))
-        head = model.lm_head_VH if t2d is None else model.lm_head_VH[draft_vocab(
-            torch.bincount(ids[mask], minlength=V), vocab_size)[0]]
-        loss, correct = chunked_loss(h, head, blocks.labels_BQ, blocks.weights_BQ, chunk, t2d)
+        objective = Objective(block_size=BLOCK, mask_id=MASK, head_VH=model.lm_head_VH, gamma=4.0, num_anchors=6,
+                              loss_chunk_rows=chunk or 1, draft_ids=draft_ids)
+        blocks = objective.blocks(batch, step=0)
+        if chunk is None:  # the reference: full logits, labels mapped by hand
+            mask_ = build_mask(blocks.anchors_BN, lens, ids.shape[1], BLOCK, "dense")
+            h = model(batch["hidden"], pos, blocks.ids_BQ, blocks.pos_BQ, mask_)
+            raw = make_blocks(ids, pos, mask, lens, blocks.anchors_BN, blocks.keep_BN, blocks.prefix_BN, BLOCK,
+                              MASK, 4.0)
+            head, labels, weights = model.lm_head_VH, raw.labels_BQ, raw.weights_BQ
+            if draft_ids is not None:
+                lookup = {int(t): d for d, t in enumerate(draft_ids)}
+                mapped = torch.tensor([lookup.get(int(t), -1) for t in labels.flatten()]).view_as(labels)
+                head, weights, labels = head[draft_ids], weights * (mapped >= 0), mapped.clamp_min(0)
+                assert (weights == 0).sum() > (raw.weights_BQ == 0).sum()  # some targets fall outside
+            loss = _head_logits_loss(h, head, labels, weights)
+        else:
+            loss, _ = objective.loss(model, batch, blocks)
         loss.backward()
-        results.append((loss.detach(), correct, [p.grad.clone() for p in model.parameters()]))
-    (l1, c1, g1), (l2, c2, g2) = results
-    torch.testing.assert_close(l1, l2)
-    assert torch.equal(c1, c2)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[:2]:
+        torch.testing.assert_close(loss, results[2][0], rtol=1e-9, atol=1e-9)
+        for a, b in zip(grads, results[2][1]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_step_normalisation_makes_micro_batches_equal_one_batch():
+    """Two micro-batches, each divided by the step's total weight, give the loss and gradients of the same
+    samples in one batch (draws do not depend on the batch a sample lands in)."""
+    ids, mask, pos, hidden, lens = make_batch([21, 9], seed=7)
+    hidden = hidden.double()
+    whole = {"input_ids": ids, "loss_mask": mask, "positions": pos, "hidden": hidden, "lengths": lens,
+             "sample_ids": torch.tensor([4, 9])}
+    parts = [{k: v[b:b + 1] for k, v in whole.items()} for b in range(2)]
+    outcome = []
+    for batches in ([whole], parts):
+        model = drafter(seed=5)
+        objective = Objective(block_size=BLOCK, mask_id=MASK, head_VH=model.lm_head_VH, num_anchors=5)
+        blocks = [objective.blocks(b, step=3) for b in batches]
+        total_weight = sum(b.weights_BQ.sum() for b in blocks)
+        loss = sum(objective.loss(model, b, blk)[0] / total_weight for b, blk in zip(batches, blocks))
+        loss.backward()
+        outcome.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = outcome
+    torch.testing.assert_close(l1, l2, rtol=1e-9, atol=1e-12)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b)
-    # and the unchunked value equals a direct weighted cross-entropy
-    model = drafter(seed=3)
-    h = model(hidden, pos, blocks.ids_BQ, blocks.pos_BQ, build_mask(anchors, lens, ids.shape[1], BLOCK, "dense"))
-    if t2d is None:
-        logits = model.logits(h).flatten(0, 1)
-        ce = torch.nn.functional.cross_entropy(logits, blocks.labels_BQ.flatten(), reduction="none")
-        w = blocks.weights_BQ.flatten()
-        torch.testing.assert_close(l1, ((ce * w).sum() / w.sum()).detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    weights = [objective.blocks(b, 3).weights_BQ.sum() for b in parts]
+    assert abs(float(weights[0]) - float(weights[1])) > 0.1  # unequal parts: a per-micro-batch mean would differ
 
 
-def test_block_metrics_count_leading_correct_slots():
+def test_block_stats_count_leading_correct_slots_and_average_slots_over_scored_steps():
     anchors = torch.tensor([[0, 10]])
     keep = torch.tensor([[True, True]])
     prefix = torch.tensor([[1, 1]])
     weights = torch.ones(1, 8)
-    from train.blocks import Blocks
     blocks = Blocks(ids_BQ=None, pos_BQ=None, labels_BQ=None, weights_BQ=weights, prefix_BN=prefix, anchors_BN=anchors,
                     keep_BN=keep)
     correct = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 1]], dtype=torch.bool)  # block 0 accepts 2, block 1 accepts 1
-    m = block_metrics(correct, blocks, 4)
-    assert m["acceptance_estimate"] == pytest.approx(((2 + 1) + (1 + 1)) / 2)
+    one = {"loss_sum": torch.tensor(6.0), "weight": torch.tensor(3.0), "tokens": torch.tensor(8.0),
+           **block_stats(correct, blocks, 4)}
+    m = summarise(dict(one))
+    assert m["acceptance_estimate"] == pytest.approx(((2 + 1) + (1 + 1)) / 2) and m["loss"] == 2.0
     assert m["acc_1"] == pytest.approx(1.0) and m["acc_2"] == pytest.approx(0.5) and m["acc_3"] == pytest.approx(0.5)
+    # A second step that scores slot 3 nowhere: slot 3's accuracy stays the mean over the step that scored it.
+    blocks.weights_BQ = torch.tensor([[1.0, 1, 1, 0, 1, 1, 1, 0]])
+    two = {"loss_sum": torch.tensor(0.0), "weight": torch.tensor(1.0), "tokens": torch.tensor(8.0),
+           **block_stats(torch.zeros(1, 8, dtype=torch.bool), blocks, 4)}
+    m = summarise(add_sums(dict(one), two))
+    assert m["acc_3"] == pytest.approx(0.5) and m["acc_1"] == pytest.approx(2 / 4)
+    assert m["loss"] == pytest.approx(6.0 / 4.0)

@@ -1,4 +1,12 @@
-"""Checkpoints: one directory per step, written under a temporary name and renamed into place, last k kept."""
+"""Checkpoints: one directory per step, written under a temporary name and renamed into place, last k kept.
+
+    step-NNNNNNNN/model.safetensors    drafter parameters (the target's embedding and head are not in it)
+    step-NNNNNNNN/config.json          the whole train config, drafter dimensions and mask id resolved
+    step-NNNNNNNN/cache_manifest.json  the manifest of the cache it was trained from (target identity)
+    step-NNNNNNNN/draft_vocab.safetensors  `draft_ids` [draft_vocab], ascending target ids (reduced vocabulary)
+    step-NNNNNNNN/optim.pt             optimizer and scheduler state
+    step-NNNNNNNN/state.json           TrainState, written last: marks the directory complete
+"""
 
 import json
 import os
@@ -31,7 +39,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save(run_dir: Path, state: TrainState, model_state: dict, optimizer, scheduler, config: dict,
-         keep_last: int) -> Path:
+         keep_last: int, manifest: dict, draft_ids: torch.Tensor | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -40,6 +48,9 @@ def save(run_dir: Path, state: TrainState, model_state: dict, optimizer, schedul
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "cache_manifest.json").write_text(json.dumps(manifest, indent=2))
+    if draft_ids is not None:
+        save_file({"draft_ids": draft_ids.cpu().contiguous()}, str(tmp / "draft_vocab.safetensors"))
     (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks the directory complete
     if final.exists():
         shutil.rmtree(final)
@@ -68,3 +79,36 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     if not (path / "state.json").exists():
         raise ValueError(f"resume={resume!r} is not a complete checkpoint directory (no state.json)")
     return path
+
+
+@dataclass
+class DrafterCheckpoint:
+    """A trained drafter as evaluation, speculative decoding and export need it."""
+
+    path: Path
+    model: "Drafter"  # noqa: F821
+    drafter: "DrafterConfig"  # noqa: F821  (dimensions and mask id resolved)
+    config: dict  # the whole train config
+    manifest: dict  # the cache manifest it was trained from
+    draft_ids: torch.Tensor | None  # ascending target ids of a reduced vocabulary
+
+
+def load_drafter(path: Path, embed_VH: torch.Tensor | None = None,
+                 lm_head_VH: torch.Tensor | None = None) -> DrafterCheckpoint:
+    """A checkpoint directory -> the drafter with its weights; the target's embedding and head are the
+    caller's (from the cache or the target model), or None for a headless drafter (export)."""
+    from train.config import DrafterConfig
+    from train.model import Drafter
+
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise ValueError(f"{path} is not a complete drafter checkpoint (no state.json)")
+    config = json.loads((path / "config.json").read_text())
+    drafter = DrafterConfig(**config["drafter"])
+    model = Drafter(drafter, embed_VH, lm_head_VH)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    vocab = path / "draft_vocab.safetensors"
+    draft_ids = load_file(str(vocab))["draft_ids"] if vocab.exists() else None
+    manifest = json.loads((path / "cache_manifest.json").read_text())
+    return DrafterCheckpoint(path=path, model=model.eval(), drafter=drafter, config=config, manifest=manifest,
+                             draft_ids=draft_ids)

@@ -1,19 +1,21 @@
-"""Structured config of the train stage (filled by conf/train.yaml and the drafter/optim/data/setup groups)."""
+"""Structured config of the train stage (filled by conf/train.yaml and the drafter/optim/data/setup groups).
+
+Every default lives here, once; YAML files state only what differs from it.
+"""
 
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
-
+from train.objective import resolve_gamma
 
 @dataclass
 class DrafterConfig:
-    # Dimensions that must match the cache's target.
-    hidden_size: int = MISSING
-    vocab_size: int = MISSING
-    target_layer_ids: list[int] = MISSING
+    # The target's dimensions: None reads them from the cache; a stated value must agree with it.
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    target_layer_ids: list[int] | None = None
     # The drafter's own architecture (Qwen3-style decoder layers).
     num_layers: int = 5
     num_attention_heads: int = 32
@@ -26,14 +28,15 @@ class DrafterConfig:
     max_position_embeddings: int = 32768
     block_size: int = 16
     mask_token_id: int | None = None  # None: first unused vocabulary slot, len(cache tokenizer)
-    position_source: str = "mrope_axis0"  # mrope_axis0 | sequential
+    # sequential: token index, what SGLang and vLLM's default runner feed; mrope_axis0: vLLM's V1 runner only.
+    position_source: str = "sequential"
 
 
 @dataclass
 class ObjectiveConfig:
     mode: str = "dflash"  # dflash | vp
     num_anchors: int = 512
-    gamma: float | None = None  # None: 7 for B=16, 5 for B=10, 4 for B=8
+    gamma: float | None = None  # None: 7 for B=16, 5 for B=10, 4 for B=8; inf: no decay
     prefix_weight_base: float = 0.9  # vp: P(p) ~ base**p
     loss_chunk_rows: int = 2048  # query rows per chunk of the vocabulary projection
     draft_vocab_size: int | None = None  # None: full vocabulary; k: the k most frequent supervised tokens
@@ -45,7 +48,7 @@ class DataConfig:
     eval_shards: int = 1  # the last k committed shards are held out for evaluation
     max_tokens_per_batch: int = 16384  # token budget of one batch (padded length x samples)
     max_length: int = 8192  # longer samples are skipped and counted
-    num_workers: int = 2
+    num_workers: int = 8  # bench/train_bench.py: 8 workers feed a 30B-A3B-shaped drafter step 3.3x on an H100
     bucket_size: int = 64  # batches are formed from runs of this many samples sorted by length
 
 
@@ -54,8 +57,8 @@ class OptimConfig:
     lr: float = 6e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100
-    max_steps: int = 10000
+    warmup_steps: int = 200
+    max_steps: int = 20000
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -67,7 +70,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = MISSING  # conf/train.yaml: runs/SETUP, one directory per job in -m sweeps
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500
@@ -76,9 +79,46 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     attention: str = "auto"  # auto (flex on CUDA, dense elsewhere) | flex | dense
-    distributed: str = "ddp"  # ddp | fsdp
     progress: bool = True
     expect_target: str | None = None  # when set, the cache's target.name_or_path must equal it
+
+
+# Keys that count something (>= 1) and keys that may be 0 to switch something off (>= 0).
+POSITIVE_KEYS = ("drafter.num_layers", "drafter.num_attention_heads", "drafter.num_key_value_heads",
+                 "drafter.head_dim", "drafter.intermediate_size", "objective.num_anchors",
+                 "objective.loss_chunk_rows", "data.max_tokens_per_batch", "data.max_length", "data.bucket_size",
+                 "optim.max_steps", "optim.grad_accum", "log_every", "eval_batches")
+NON_NEGATIVE_KEYS = ("data.num_workers", "data.eval_shards", "optim.warmup_steps", "eval_every", "save_every",
+                     "keep_last")
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, naming the key, before anything is loaded."""
+    for keys, low in ((POSITIVE_KEYS, 1), (NON_NEGATIVE_KEYS, 0)):
+        for key in keys:
+            if _get(cfg, key) < low:
+                raise ValueError(f"{key}={_get(cfg, key)} must be >= {low}")
+    d = cfg.drafter
+    if d.block_size < 2:
+        raise ValueError(f"drafter.block_size={d.block_size} must be >= 2 (slot 0 holds the verified token)")
+    if d.num_attention_heads % d.num_key_value_heads:
+        raise ValueError(f"drafter.num_attention_heads={d.num_attention_heads} must be a multiple of "
+                         f"drafter.num_key_value_heads={d.num_key_value_heads}")
+    if d.position_source not in ("sequential", "mrope_axis0"):
+        raise ValueError(f"drafter.position_source={d.position_source!r}; choose sequential or mrope_axis0")
+    if not 0 < d.partial_rotary_factor <= 1:
+        raise ValueError(f"drafter.partial_rotary_factor={d.partial_rotary_factor} must be in (0, 1]")
+    if cfg.objective.mode not in ("dflash", "vp"):
+        raise ValueError(f"objective.mode={cfg.objective.mode!r}; choose dflash or vp")
+    resolve_gamma(cfg.objective.gamma, d.block_size)
+    if cfg.attention not in ("auto", "flex", "dense"):
+        raise ValueError(f"attention={cfg.attention!r}; choose auto, flex or dense")
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

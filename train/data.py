@@ -65,7 +65,7 @@ def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, 
 
 
 # Padded lengths are rounded up to this multiple so that compiled flex-attention kernels see a bounded set of
-# shapes instead of recompiling for every batch; padding changes no draw and no loss (see train/blocks.py).
+# shapes instead of recompiling for every batch; padding changes no draw and no loss (see train/objective.py).
 PAD_MULTIPLE = 64
 
 

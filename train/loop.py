@@ -1,6 +1,7 @@
 """The training loop: one function, read top to bottom. Resumable state is `TrainState` plus the tensors."""
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -15,15 +16,13 @@ from tqdm import tqdm
 
 from cache_schema import CacheReader
 from train import checkpoint
-from train.attention import build_mask
-from train.blocks import block_metrics, chunked_loss, default_gamma, draft_vocab, make_blocks, sample_anchors, \
-    sample_prefix
 from train.checkpoint import TrainState
-from train.compat import check_cache
-from train.config import TrainConfig
+from train.compat import resolve_drafter
+from train.config import DrafterConfig, TrainConfig, validate
 from train.data import CacheDataset, collate, epoch_batches, split_shards
 from train.metrics import MetricLog
 from train.model import Drafter
+from train.objective import Objective, add_sums, draft_vocab, summarise
 
 log = logging.getLogger("train")
 
@@ -35,36 +34,6 @@ def cosine_with_warmup(cfg):
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-class Objective:
-    """Everything the loss needs beside the model: block size, mask id, gamma, the (draft) head, backend."""
-
-    def __init__(self, cfg: TrainConfig, mask_id: int, token_freq, head_VH: torch.Tensor):
-        self.cfg, self.mask_id = cfg, mask_id
-        self.block = cfg.drafter.block_size
-        self.gamma = cfg.objective.gamma or default_gamma(self.block)
-        device = head_VH.device
-        self.backend = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "dense")
-        self.head_VH, self.t2d = head_VH, None
-        if cfg.objective.draft_vocab_size:
-            ids, t2d = draft_vocab(torch.as_tensor(token_freq), cfg.objective.draft_vocab_size)
-            # The head is frozen, so the draft-vocabulary rows are gathered once, not at every step.
-            self.head_VH, self.t2d = head_VH[ids.to(device)], t2d.to(device)
-
-    def __call__(self, model, batch: dict, step: int):
-        o = self.cfg.objective
-        anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], batch["sample_ids"], o.num_anchors,
-                                       self.cfg.seed, step)
-        prefix = sample_prefix(keep, batch["sample_ids"], self.cfg.seed, step, self.block, o.prefix_weight_base,
-                               o.mode)
-        blocks = make_blocks(batch["input_ids"], batch["positions"], batch["loss_mask"], batch["lengths"], anchors,
-                             keep, prefix, self.block, self.mask_id, self.gamma)
-        mask = build_mask(anchors, batch["lengths"], batch["input_ids"].shape[1], self.block, self.backend)
-        h = model(batch["hidden"], batch["positions"], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
-        loss, correct = chunked_loss(h, self.head_VH, blocks.labels_BQ, blocks.weights_BQ, o.loss_chunk_rows, self.t2d)
-        return loss, {"loss": loss.item(), **block_metrics(correct, blocks, self.block),
-                      "tokens": int(batch["loss_mask"].sum())}
 
 
 def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world: int):
@@ -87,38 +56,50 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
 
 @torch.no_grad()
 def evaluate(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
-    totals, weights = {}, 0
+    sums: dict = {}
     for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0):
         batch = {k: v.to(device) for k, v in batch.items()}
-        _, m = objective(model, batch, step=0)  # fixed draws: evaluations compare across steps
-        n = m.pop("tokens")
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0.0) + v * n
-        weights += n
-    return {f"eval/{k}": v / max(weights, 1) for k, v in totals.items()}
+        # Fixed draws (step 0): evaluations compare across steps.
+        add_sums(sums, objective.loss(model, batch, objective.blocks(batch, step=0))[1])
+    return {f"eval/{k}": v for k, v in summarise(sums).items()}
+
+
+def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tensor, draft_ids, device):
+    o = cfg.objective
+    backend = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "dense")
+    return Objective(block_size=drafter.block_size, mask_id=drafter.mask_token_id, head_VH=head_VH, mode=o.mode,
+                     gamma=o.gamma, num_anchors=o.num_anchors, prefix_weight_base=o.prefix_weight_base,
+                     loss_chunk_rows=o.loss_chunk_rows, seed=cfg.seed, draft_ids=draft_ids, backend=backend)
 
 
 def train(cfg: TrainConfig) -> TrainState:
+    validate(cfg)
     run_dir = Path(cfg.run_dir)
     cuda = torch.cuda.is_available()
     # The frozen embedding and head are identical on every rank: broadcasting them each forward (DDP's
     # default for buffers) would move a vocabulary-sized tensor per step for nothing.
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-                              fsdp_plugin=_fsdp_plugin() if cfg.distributed == "fsdp" else None)
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     device = accelerator.device
 
     # 1. Cache, compatibility, frozen target tensors.
     reader = CacheReader(cfg.data.cache)
-    mask_id = check_cache(cfg, reader)
+    drafter = resolve_drafter(cfg, reader)
+    cfg = dataclasses.replace(cfg, drafter=drafter)
     head = reader.head_tensors()
     train_shards, eval_shards = split_shards(reader, cfg.data.eval_shards)
-    train_set = CacheDataset(reader, train_shards, cfg.drafter.position_source)
-    eval_set = CacheDataset(reader, eval_shards, cfg.drafter.position_source)
+    train_set = CacheDataset(reader, train_shards, drafter.position_source)
+    eval_set = CacheDataset(reader, eval_shards, drafter.position_source)
+    if accelerator.is_main_process:
+        print(f"cache {reader.loc.url}: training on {len(train_shards)} shards ({len(train_set)} samples), "
+              f"evaluating on {len(eval_shards)} ({len(eval_set)} samples)", flush=True)
+    draft_ids = None
+    if cfg.objective.draft_vocab_size:
+        draft_ids = draft_vocab(torch.as_tensor(reader.token_frequencies()), cfg.objective.draft_vocab_size)
 
-    # 2. Model (fp32 master weights), optimiser, schedule, objective.
+    # 2. Model (fp32 master weights, bf16 frozen head), optimiser, schedule, objective.
     torch.manual_seed(cfg.seed)
-    model = Drafter(cfg.drafter, head["embed_tokens"].float(), head["lm_head"].float())
+    model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim))
@@ -126,10 +107,12 @@ def train(cfg: TrainConfig) -> TrainState:
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     if resume_from:
         state = checkpoint.load(resume_from, model, optimizer, scheduler)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    if accelerator.is_main_process:
+        print(f"resuming from {resume_from} at step {state.step}" if resume_from else
+              f"starting fresh in {run_dir} (no checkpoint to resume)", flush=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
-    objective = Objective(cfg, mask_id, reader.token_frequencies(), core.lm_head_VH)
+    objective = make_objective(cfg, drafter, core.lm_head_VH, draft_ids, device)
     eval_batches = epoch_batches(eval_set, cfg.data, cfg.seed, 0)[:cfg.eval_batches] if len(eval_set) else []
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
@@ -137,11 +120,12 @@ def train(cfg: TrainConfig) -> TrainState:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             path = checkpoint.save(run_dir, state, accelerator.get_state_dict(model), optimizer, scheduler,
-                                   config_dict, cfg.keep_last)
+                                   config_dict, cfg.keep_last, reader.manifest.to_dict(), draft_ids)
             log.info("saved %s", path)
         accelerator.wait_for_everyone()
 
-    # 3. Steps.
+    # 3. Steps. The loss is normalised by the weight of the whole step (all micro-batches, all ranks), so a
+    # micro-batch with few supervised slots counts for what it holds, as one large batch would.
     metrics = MetricLog(run_dir, enabled=accelerator.is_main_process)
     stream = batch_stream(train_set, cfg, state, accelerator.process_index, accelerator.num_processes)
     bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", unit="step",
@@ -149,26 +133,31 @@ def train(cfg: TrainConfig) -> TrainState:
     while state.step < cfg.optim.max_steps:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        step_logs = []
-        for micro in range(cfg.optim.grad_accum):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
-            last_micro = micro + 1 == cfg.optim.grad_accum
+        micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.optim.grad_accum)]
+        blocks = [objective.blocks(b, state.step * cfg.optim.grad_accum + i) for i, b in enumerate(micro)]
+        step_weight = accelerator.reduce(sum(b.weights_BQ.sum() for b in blocks).detach(), "sum").clamp_min(1e-8)
+        sums: dict = {}
+        for i, (batch, blk) in enumerate(zip(micro, blocks)):
+            last_micro = i + 1 == len(micro)
             with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss, m = objective(model, batch, state.step * cfg.optim.grad_accum + micro)
-                accelerator.backward(loss / cfg.optim.grad_accum)
-            step_logs.append(m)
+                loss_sum, stats = objective.loss(model, batch, blk)
+                # DDP averages gradients over ranks; scaling by the world size makes that average a global sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / step_weight)
+            add_sums(sums, stats)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # one bad batch must not poison the weights; the step still counts so resume stays exact
+            log.warning("step %d: non-finite gradient norm %s, optimizer step skipped", state.step + 1, grad_norm)
+            sums["skipped_steps"] = torch.ones((), dtype=torch.float64)
         scheduler.step()
         state.step += 1
-        tokens = sum(m["tokens"] for m in step_logs)
-        state.tokens += tokens
-        means = {k: sum(m[k] for m in step_logs if k in m) / len(step_logs) for k in step_logs[0] if k != "tokens"}
-        metrics.add(means, tokens=tokens, seconds=time.perf_counter() - started)
+        state.tokens += int(sums["tokens"])
+        metrics.add(sums, seconds=time.perf_counter() - started)
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_steps:
             row = metrics.flush(state.step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['acceptance_estimate']:.2f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tau_est=f"{row['acceptance_estimate']:.2f}",
                             sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_batches and accelerator.is_main_process:
             # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
@@ -179,11 +168,3 @@ def train(cfg: TrainConfig) -> TrainState:
     save()  # the final checkpoint goes through the same path as periodic ones
     metrics.close()
     return state
-
-
-def _fsdp_plugin():
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
-                                          transformer_cls_names_to_wrap=["DecoderLayer"])
-

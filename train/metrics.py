@@ -4,17 +4,18 @@ import json
 import logging
 from pathlib import Path
 
+from train.objective import add_sums, summarise
+
 log = logging.getLogger("train")
 
 
 class MetricLog:
-    """Averages step metrics between flushes; `write` records a finished row (e.g. an evaluation)."""
+    """Sums step statistics between flushes (ratios of sums, so a slot's accuracy is averaged over the steps
+    that scored it); `write` records a finished row (e.g. an evaluation)."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.tokens = 0
+        self.sums: dict = {}
         self.seconds = 0.0
         self.file = None
         self.tb = None
@@ -29,17 +30,14 @@ class MetricLog:
         except ImportError:
             log.info("tensorboard not installed: metrics go to metrics.jsonl and the console only")
 
-    def add(self, values: dict, tokens: int, seconds: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        self.tokens += tokens
+    def add(self, sums: dict, seconds: float) -> None:
+        add_sums(self.sums, sums)
         self.seconds += seconds
 
     def flush(self, step: int, **extra) -> dict:
-        row = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        row.update(extra, supervised_tokens_per_s=self.tokens / max(self.seconds, 1e-9))
-        self.sums, self.count, self.tokens, self.seconds = {}, 0, 0, 0.0
+        row = summarise(self.sums)
+        row.update(extra, supervised_tokens_per_s=row["supervised_tokens"] / max(self.seconds, 1e-9))
+        self.sums, self.seconds = {}, 0.0
         self.write(step, row)
         return row
 

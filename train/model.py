@@ -2,7 +2,7 @@
 
     context_BTH = hidden_norm(fc(concat_L(hidden_BTLH)))          once, shared by every layer
     per layer:  q from block tokens; k, v = [k_proj/v_proj(context) ; k_proj/v_proj(block)]
-                non-causal inside a block, context strictly before the block's anchor (see train/blocks.py)
+                non-causal inside a block, context strictly before the block's anchor (see train/attention.py)
     logits    = target_lm_head(norm(h))                           embedding and head are the target's, frozen
 """
 
@@ -78,6 +78,24 @@ class Attention(nn.Module):
         out = attend(q, torch.cat([k_ctx, k_blk], dim=2), v, mask, backend)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
+    def context_kv(self, ctx_BTH, ctx_pos_BT, rope: Rotary):
+        """This layer's keys and values of the fused context, as `forward` computes them."""
+        k = rope(self.k_norm(self._heads(self.k_proj(ctx_BTH), self.kv)), ctx_pos_BT)
+        return k, self._heads(self.v_proj(ctx_BTH), self.kv)
+
+    def attend_cached(self, x_BQH, pos_BQ, k_ctx, v_ctx, rope: Rotary):
+        """Block queries over cached context keys/values [1, kv, T, D] and the whole block: nothing is masked,
+        since the cache holds exactly the context the block may see. Every row of the batch shares it."""
+        batch = x_BQH.shape[0]
+        q = rope(self.q_norm(self._heads(self.q_proj(x_BQH), self.h)), pos_BQ)
+        k = rope(self.k_norm(self._heads(self.k_proj(x_BQH), self.kv)), pos_BQ)
+        v = self._heads(self.v_proj(x_BQH), self.kv)
+        if k_ctx is not None:
+            k = torch.cat([k_ctx.expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([v_ctx.expand(batch, -1, -1, -1), v], dim=2)
+        out = attend(q, k, v, None, "dense")
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DrafterConfig):
@@ -92,9 +110,13 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), ctx, pos, ctx_pos, rope, mask, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_cached(self, x, pos, k_ctx, v_ctx, rope):
+        x = x + self.self_attn.attend_cached(self.input_layernorm(x), pos, k_ctx, v_ctx, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Drafter(nn.Module):
-    def __init__(self, cfg: DrafterConfig, embed_VH: torch.Tensor, lm_head_VH: torch.Tensor):
+    def __init__(self, cfg: DrafterConfig, embed_VH: torch.Tensor | None, lm_head_VH: torch.Tensor | None):
         super().__init__()
         self.cfg = cfg
         n = len(cfg.target_layer_ids)
@@ -103,9 +125,10 @@ class Drafter(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = Rotary(cfg)
-        # Frozen target tensors: buffers, so optimisers and gradient syncs never see them.
-        self.register_buffer("embed_VH", embed_VH.detach().clone(), persistent=False)
-        self.register_buffer("lm_head_VH", lm_head_VH.detach().clone(), persistent=False)
+        # Frozen target tensors: buffers in the cache's dtype (bf16), so optimisers and gradient syncs never see
+        # them and they cost what they cost the target. None (e.g. for export) leaves the drafter headless.
+        self.register_buffer("embed_VH", None if embed_VH is None else embed_VH.detach(), persistent=False)
+        self.register_buffer("lm_head_VH", None if lm_head_VH is None else lm_head_VH.detach(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02):
@@ -117,12 +140,42 @@ class Drafter(nn.Module):
         return self.hidden_norm(self.fc(hidden_BTLH.flatten(2).to(self.fc.weight.dtype)))
 
     def forward(self, hidden_BTLH, ctx_pos_BT, block_ids_BQ, block_pos_BQ, mask, backend: str = "dense"):
-        """Final hidden states [B, Q, H] of the block slots (apply `logits` for the vocabulary)."""
+        """Final hidden states [B, Q, H] of the block slots (the target's head gives the vocabulary)."""
         ctx = self.context(hidden_BTLH)
         x = F.embedding(block_ids_BQ, self.embed_VH).to(ctx.dtype)
         for layer in self.layers:
             x = layer(x, ctx, block_pos_BQ, ctx_pos_BT, self.rope, mask, backend)
         return self.norm(x)
 
-    def logits(self, h_BQH: torch.Tensor) -> torch.Tensor:
-        return h_BQH @ self.lm_head_VH.to(h_BQH.dtype).T
+    # Inference (tools/speculate.py): the drafter keeps its own keys and values of the fused context, grown as
+    # the target verifies tokens, and drafts after all of it; this equals `forward` for a block anchored right
+    # after the context, where the mask hides nothing of it (tests/test_spec_decode.py).
+
+    def extend_context(self, cache: "ContextCache", hidden_BTLH, ctx_pos_BT) -> None:
+        """Append the fused context of newly verified positions (batch 1) to every layer's keys and values."""
+        ctx = self.context(hidden_BTLH)
+        for i, layer in enumerate(self.layers):
+            cache.append(i, *layer.self_attn.context_kv(ctx, ctx_pos_BT, self.rope))
+
+    def draft(self, cache: "ContextCache", block_ids_BQ, block_pos_BQ) -> torch.Tensor:
+        """Final hidden states [B, Q, H] of blocks drafted after the cached context (every row shares it)."""
+        x = F.embedding(block_ids_BQ, self.embed_VH).to(self.fc.weight.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, block_pos_BQ, cache.keys[i], cache.values[i], self.rope)
+        return self.norm(x)
+
+
+class ContextCache:
+    """Per drafter layer, the rotated, normed keys and the values of the fused context seen so far [1, kv, T, D]."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def __len__(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        old_k, old_v = self.keys[layer], self.values[layer]
+        self.keys[layer] = k if old_k is None else torch.cat([old_k, k], dim=2)
+        self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=2)

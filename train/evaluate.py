@@ -1,0 +1,153 @@
+"""Offline acceptance of a drafter checkpoint, replayed exactly from the cache (train/replay.py).
+
+    python -m train.evaluate CKPT [--cache URL] [--shards a,b] [--vp CKPT] [--k 4] [--max-samples N] [--out DIR]
+
+Prints a table and writes eval.json and eval.png in --out (default: the checkpoint directory). The shards
+default to the run's eval shards (the last data.eval_shards committed shards, as training held them out).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from cache_schema import CacheReader, Manifest  # noqa: E402
+from cache_schema.layout import check_compatible  # noqa: E402
+from train.checkpoint import load_drafter  # noqa: E402
+from train.data import CacheDataset, split_shards  # noqa: E402
+from train.replay import GROUPS, Drafting, replay_records, summarise  # noqa: E402
+
+
+def load(path: Path, reader: CacheReader, head: dict, device, backend: str):
+    ckpt = load_drafter(path, head["embed_tokens"], head["lm_head"])
+    check_compatible(reader.manifest, Manifest.from_dict(ckpt.manifest, where=f"{path}/cache_manifest.json"),
+                     where=f"cache {reader.loc.url} for drafter {path}")
+    ckpt.model.to(device)
+    return ckpt, Drafting.from_checkpoint(ckpt, backend)
+
+
+def pick_shards(reader: CacheReader, config: dict, shards: str | None) -> list[str]:
+    if shards:
+        wanted = shards.split(",")
+        unknown = [s for s in wanted if s not in reader.shards]
+        if unknown:
+            raise ValueError(f"--shards: {unknown} not committed in cache {reader.loc.url} "
+                             f"(it has {reader.shards})")
+        return wanted
+    held_out = split_shards(reader, config["data"]["eval_shards"])[1]
+    if not held_out:
+        raise ValueError(f"cache {reader.loc.url} held out no eval shard (data.eval_shards="
+                         f"{config['data']['eval_shards']}, {len(reader.shards)} shards); name some with --shards")
+    return held_out
+
+
+def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = None, vp_path: Path | None = None,
+             k: int = 4, max_samples: int | None = None, out: Path | None = None, device: str | None = None,
+             backend: str = "dense", progress: bool = True) -> dict:
+    ckpt_path = Path(ckpt_path)
+    config = json.loads((ckpt_path / "config.json").read_text()) if (ckpt_path / "config.json").exists() else None
+    if config is None:
+        raise ValueError(f"{ckpt_path} is not a drafter checkpoint (no config.json)")
+    reader = CacheReader(cache or config["data"]["cache"])
+    head = reader.head_tensors()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt, dflash = load(ckpt_path, reader, head, device, backend)
+    vp = None
+    if vp_path is not None:
+        vp_ckpt, vp = load(Path(vp_path), reader, head, device, backend)
+        if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
+            raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
+                             f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
+    if k < 1:
+        raise ValueError(f"--k={k} must be >= 1")
+    names = pick_shards(reader, ckpt.config, shards)
+    dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
+    if not len(dataset):
+        raise ValueError(f"shards {names} of cache {reader.loc.url} hold no sample")
+    indices = range(min(len(dataset), max_samples) if max_samples else len(dataset))
+    records = replay_records(dataset, indices, dflash, vp, k, progress)
+    block = dflash.block
+    result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None, "cache": reader.loc.url,
+              "shards": names, "samples": len(records), "block_size": block, "k": k if vp else None,
+              "dflash": summarise(records, block, "dflash"),
+              "per_sample": [{"sample_id": r["sample_id"], "images": r["images"],
+                              **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum())}
+                                 for m in ("dflash", "d2sd") if m in r}} for r in records]}
+    if vp is not None:
+        result["d2sd"] = summarise(records, block, "d2sd")
+    out = Path(out) if out else ckpt_path
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "eval.png")
+    print(table(result))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    return result
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(result: dict) -> str:
+    block = result["block_size"]
+    lines = [f"{result['checkpoint']}: {result['samples']} samples of {','.join(result['shards'])}, block "
+             f"{block}" + (f", D2SD with {result['vp']} (k={result['k']})" if result["vp"] else "")]
+    head = f"{'method':7} {'group':10} {'samples':>7} {'cycles':>7} {'tau':>6} {'tau/smp':>7}  P(slot k accepted)"
+    lines.append(head)
+    for method in ("dflash", "d2sd"):
+        for group in GROUPS if method in result else ():
+            g = result[method][group]
+            slots = " ".join(_fmt(p, ".2f") for p in g["accept_per_slot"])
+            lines.append(f"{method:7} {group:10} {g['samples']:7d} {g['cycles']:7d} {_fmt(g['tau']):>6} "
+                         f"{_fmt(g['tau_per_sample']):>7}  {slots}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    block = result["block_size"]
+    methods = [m for m in ("dflash", "d2sd") if m in result]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(methods)
+    for n, method in enumerate(methods):
+        for group, style in (("all", "o-"), ("last_turn", "s--"), ("history", "^:")):
+            g = result[method][group]
+            if g["cycles"]:
+                axes[0].plot(range(1, block), g["accept_per_slot"], style, label=f"{method} {group} "
+                             f"(tau {g['tau']:.2f})")
+        hist = result[method]["all"]["accepted_hist"]
+        total = max(1, sum(hist))
+        axes[1].bar([a + (n - (len(methods) - 1) / 2) * width for a in range(block)], [h / total for h in hist],
+                    width=width, label=method)
+    axes[0].set(title="P(slot k accepted | cycle)", xlabel="block slot k", ylim=(0, 1.02))
+    axes[1].set(title="accepted drafts per cycle", xlabel="a(s)", ylabel="fraction of cycles")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a drafter checkpoint directory (runs/x/checkpoints/step-N)")
+    parser.add_argument("--cache", help="cache URL (default: the one the run trained from)")
+    parser.add_argument("--shards", help="comma-separated shard names (default: the run's eval shards)")
+    parser.add_argument("--vp", type=Path, help="a VP drafter checkpoint of the same cache: also replay D2SD")
+    parser.add_argument("--k", type=int, default=4, help="D2SD branches besides the DFlash draft")
+    parser.add_argument("--max-samples", type=int, help="replay only the first N samples of the shards")
+    parser.add_argument("--out", type=Path, help="output directory (default: the checkpoint directory)")
+    parser.add_argument("--device", help="torch device (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    evaluate(args.checkpoint, args.cache, args.shards, args.vp, args.k, args.max_samples, args.out, args.device,
+             progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
