@@ -105,7 +105,8 @@ def verifier_architectures(model_type: str) -> list[str]:
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
-    arch = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    arch = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if arch is None:
         raise ValueError(f"target model_type {model_type!r} has no transformers architecture to name as verifier")
     return [arch]
