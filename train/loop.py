@@ -23,8 +23,10 @@ from train.data import CacheDataset, collate, epoch_batches, split_shards
 from train.metrics import MetricLog
 from train.model import Drafter
 from train.objective import Objective, add_sums, draft_vocab, summarise
+from train.replay import replay_tau
 
 log = logging.getLogger("train")
+REPLAY_SAMPLES = 16  # eval samples replayed at each evaluation: the exact tau at a bounded cost
 
 
 def cosine_with_warmup(cfg):
@@ -114,6 +116,7 @@ def train(cfg: TrainConfig) -> TrainState:
     core = accelerator.unwrap_model(model)
     objective = make_objective(cfg, drafter, core.lm_head_VH, draft_ids, device)
     eval_batches = epoch_batches(eval_set, cfg.data, cfg.seed, 0)[:cfg.eval_batches] if len(eval_set) else []
+    replay_samples = sorted({i for b in eval_batches for i in b})[:REPLAY_SAMPLES]
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def save():
@@ -161,7 +164,10 @@ def train(cfg: TrainConfig) -> TrainState:
                             sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_batches and accelerator.is_main_process:
             # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
-            metrics.write(state.step, evaluate(core, objective, eval_set, eval_batches, device))
+            evaluation = evaluate(core, objective, eval_set, eval_batches, device)
+            tau = replay_tau(core, core.lm_head_VH, eval_set, replay_samples, drafter.block_size,
+                             drafter.mask_token_id, draft_ids)["all"]["tau"]
+            metrics.write(state.step, {**evaluation, "eval/tau_replay": math.nan if tau is None else tau})
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.optim.max_steps:
             save()
     bar.close()
