@@ -151,7 +151,7 @@ def accepted_lengths(dflash: Drafting, sample: dict, vp: Drafting | None = None,
     points = branch_points(conf, k)  # [N, k]
     # A branch at i keeps the DFlash tokens of slots < i: unless those all matched (i <= a + 1) it is rejected
     # where the DFlash draft is, so only the others are drafted, and their kept tokens are the sample's own.
-    row, col = torch.nonzero(points <= acc["dflash"][:, None], as_tuple=True)
+    row, col = torch.nonzero(points <= acc["dflash"][:, None] + 1, as_tuple=True)
     best = acc["dflash"].clone()
     if row.numel():
         i = points[row, col]
