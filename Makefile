@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup test test-all demo inspect extract train export bench clean
+.PHONY: help setup test test-all demo inspect extract train eval export bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.ta
 
 train: setup ## stage two: make train CONF=qwen3vl30b CACHE=cache/qwen3vl30b [RUN=runs/x NGPU=8 ARGS='optim.lr=3e-4']
 	$(LAUNCH) -m train setup=$(CONF) data.cache=$(CACHE) $(if $(RUN),run_dir=$(RUN)) $(ARGS)
+
+# CACHE only when given: by default a checkpoint is judged on the cache and eval shards it was trained with.
+eval: setup ## offline tau replayed from the cache: make eval CKPT=runs/x/checkpoints/step-N [CACHE=cache/x ARGS='--vp CKPT2']
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/x/checkpoints/step-N [CACHE=cache/x] [ARGS='--vp runs/vp/checkpoints/step-N --max-samples 200']"; exit 2; }
+	$(PY) -m train.evaluate $(CKPT) $(if $(filter-out file,$(origin CACHE)),--cache $(CACHE)) $(ARGS)
 
 export: setup ## ship a drafter to vLLM/SGLang: make export CKPT=runs/x FORMAT=speculators|dflash OUT=exports/x
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=run_or_checkpoint_dir FORMAT=speculators|dflash OUT=dir [ARGS='--dtype float32']"; exit 2; }
