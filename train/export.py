@@ -10,7 +10,7 @@ dflash       the original DFlash layout (SGLang, the z-lab code): a Qwen3 config
              modeling_dflash.py written beside it (train/hf_dflash.py); the drafter's weights only.
 
 Every setting an engine would silently read differently from training is refused or warned about here, with the
-reason (docs/decisions.md, "Exports"). Both configs record the source checkpoint, the position source and RoPE.
+reason (docs/decisions.md, "Export"). Both configs record the source checkpoint, the position source and RoPE.
 """
 
 import argparse
