@@ -2,7 +2,8 @@
 
 Each sample is `KEY.json` plus its images as `KEY.<i>.jpg` / `KEY.<i>.png`; the json lists those extensions
 under `images` in the order of the `<image>` placeholders. The mix covers single-image, multi-image,
-multi-turn and text-only samples. Deterministic for a seed.
+multi-turn and text-only samples; answers come in the layouts of `tools.corpus.answer` (blank-line
+paragraphs, lists, sometimes a leading newline). Deterministic for a seed.
 
     python -m tools.demo_shards OUT_DIR --shards 2 --samples 16
 """
@@ -17,7 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from tools.corpus import sentence, paragraph
+from tools.corpus import answer, sentence
 
 
 def random_image(rng: random.Random, fmt: str) -> bytes:
@@ -43,7 +44,7 @@ def conversation(rng: random.Random, kind: str) -> tuple[list[dict], int]:
         if t == 0 and n_images:
             question = "\n".join(["<image>"] * n_images) + "\n" + question
         turns.append({"from": "human", "value": question})
-        turns.append({"from": "gpt", "value": paragraph(rng, rng.randint(1, 3))})
+        turns.append({"from": "gpt", "value": answer(rng)})
     return turns, n_images
 
 
