@@ -3,7 +3,7 @@
 Each target is a directory that loads with `from_pretrained` / `AutoProcessor.from_pretrained`, so tests and
 the demo exercise the same code path as a real checkpoint. Output is deterministic for a given seed.
 
-    python -m tools.tiny_targets OUT_DIR [--families qwen3_vl qwen3 ...]
+    python -m tools.tiny_targets OUT_DIR [--families qwen3_vl qwen3 ...] [--template qwen3_vl_thinking]
 """
 
 import argparse
@@ -33,34 +33,70 @@ SPECIAL_TOKENS = [
 ]
 THINK_TOKENS = ["<think>", "</think>"]
 
-# Jinja chat template in the Qwen layout. `think_style` decides what the generation prompt opens with:
-# Qwen3.5 thinks unless told not to, Qwen3 text only closes an empty think block when thinking is off.
-_TEMPLATE = """{%- for message in messages %}
-{{- '<|im_start|>' + message['role'] + '\\n' }}
-{%- if message['content'] is string %}{{- message['content'] }}
-{%- else %}{%- for part in message['content'] %}
-{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
-{%- elif part['type'] == 'video' %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
-{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}
-{%- endfor %}{%- endif %}
-{{- '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
-THINK_BLOCK
-{%- endif %}"""
-_THINK_BLOCKS = {
-    "none": "",
-    "opt_out": "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
-    "default_on": "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}",
+# Chat templates written here, one per real template family, that behave as the published ones do wherever it
+# matters for loss masks (checked against the Qwen3-8B, Qwen3-VL Instruct/Thinking and Qwen3.5 templates):
+# - qwen3_vl (Qwen3-VL Instruct): content as given, generation prompt "<|im_start|>assistant\n".
+# - qwen3 (Qwen3): reasoning ("...</think>") is cut from assistant turns before the last user message; the
+#   last answer gets a think block, "<think>\n\n</think>\n\n" when it has no reasoning, and loses leading
+#   newlines; enable_thinking=false adds that empty block to the generation prompt.
+# - qwen3_vl_thinking (Qwen3-VL Thinking): as qwen3, with vision parts; the generation prompt always opens the
+#   think block ("<think>\n"); no enable_thinking switch.
+# - qwen3_5 (Qwen3.5): every message's text is trimmed; an answer after the last user message always gets a
+#   think block; the generation prompt ends with "<think>\n", or the empty block when enable_thinking=false.
+_PARTS = """{%- macro text_of(content) -%}
+{%- if content is string -%}{{ content }}
+{%- else -%}{%- for part in content -%}
+{%- if part.type == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>
+{%- elif part.type == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>
+{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+{%- set last = namespace(user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set last.user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+"""
+_LOOP = """{%- for m in messages -%}
+{%- set text = TEXT -%}
+{%- if m.role == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}ASSISTANT{{- '<|im_end|>\\n' -}}
+{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + text + '<|im_end|>\\n' -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}GENERATION{%- endif -%}"""
+# Reasoning and answer of an assistant turn, the way the Qwen thinking templates split them.
+_SPLIT = """{%- set thought = '' -%}{%- set answer = text -%}
+{%- if '</think>' in text -%}
+{%- set thought = text.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}
+{%- set answer = text.split('</think>')[-1].lstrip('\\n') -%}
+{%- endif -%}"""
+_THINK = "{{- '<think>\\n' + thought + '\\n</think>\\n\\n' + answer.lstrip('\\n') -}}"
+_SWITCH = ("{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+           "{%- else -%}OTHERWISE{%- endif -%}")
+_VARIANTS = {
+    "qwen3_vl": dict(TEXT="text_of(m.content)", ASSISTANT="{{- text -}}", GENERATION=""),
+    "qwen3": dict(TEXT="text_of(m.content)",
+                  ASSISTANT=_SPLIT + "{%- if loop.index0 > last.user and (loop.last or thought) -%}" + _THINK
+                  + "{%- else -%}{{- answer -}}{%- endif -%}",
+                  GENERATION=_SWITCH.replace("OTHERWISE", "")),
+    "qwen3_vl_thinking": dict(TEXT="text_of(m.content)",
+                              ASSISTANT=_SPLIT + "{%- if loop.index0 > last.user and (loop.last or thought) -%}"
+                              + _THINK + "{%- else -%}{{- answer -}}{%- endif -%}",
+                              GENERATION="{{- '<think>\\n' -}}"),
+    "qwen3_5": dict(TEXT="text_of(m.content) | trim",
+                    ASSISTANT=_SPLIT + "{%- if loop.index0 > last.user -%}" + _THINK
+                    + "{%- else -%}{{- answer -}}{%- endif -%}",
+                    GENERATION=_SWITCH.replace("OTHERWISE", "{{- '<think>\\n' -}}")),
 }
-THINK_STYLE = {"qwen3_vl": "none", "qwen3_vl_moe": "none", "qwen3_5": "default_on",
-               "qwen3_5_moe": "default_on", "qwen3": "opt_out"}
+TEMPLATES = tuple(_VARIANTS)
+FAMILY_TEMPLATE = {"qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl", "qwen3_5": "qwen3_5",
+                   "qwen3_5_moe": "qwen3_5", "qwen3": "qwen3"}
+THINKING_SWITCH = ("qwen3", "qwen3_5")  # templates that read enable_thinking
 
 
-def chat_template(family: str) -> str:
-    return _TEMPLATE.replace("THINK_BLOCK", _THINK_BLOCKS[THINK_STYLE[family]])
+def chat_template(name: str) -> str:
+    """The chat template of a template variant (`TEMPLATES`) or of a family's default variant."""
+    variant = _VARIANTS[FAMILY_TEMPLATE.get(name, name)]
+    loop = _LOOP
+    for key, value in variant.items():
+        loop = loop.replace(key, value)
+    return _PARTS + loop
 
 
 def build_tokenizer(corpus: list[str] | None = None, vocab: int = BPE_VOCAB) -> Qwen2Tokenizer:
@@ -137,22 +173,27 @@ def build_config(family: str, tok):
                                 tie_word_embeddings=False, **ids)
 
 
-def build_processor(family: str, tok):
-    tok.chat_template = chat_template(family)
+def build_processor(family: str, tok, template: str | None = None):
+    """The family's tokenizer (text) or processor (vision) carrying `template` (default: the family's own)."""
+    tok.chat_template = chat_template(template or family)
     if family not in VISION_FAMILIES:
         return tok
     pixels = dict(shortest_edge=32 * 32, longest_edge=128 * 128)
     image = Qwen2VLImageProcessor(size=pixels, patch_size=16, temporal_patch_size=2, merge_size=2)
     video = Qwen3VLVideoProcessor(size=pixels, patch_size=16, temporal_patch_size=2, merge_size=2)
     return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
-                            chat_template=chat_template(family))
+                            chat_template=tok.chat_template)
 
 
-def build_target(family: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write one tiny target of `family` to `out_dir/family` and return that path."""
+def build_target(family: str, out_dir: Path, seed: int = 0, template: str | None = None) -> Path:
+    """Write one tiny target of `family` to `out_dir/family` (`out_dir/family-template` with a chat template
+    other than the family's own) and return that path."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    path = Path(out_dir) / family
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    own = template in (None, FAMILY_TEMPLATE[family])
+    path = Path(out_dir) / (family if own else f"{family}-{template}")
     tok = build_tokenizer()
     config = build_config(family, tok)
     torch.manual_seed(seed)
@@ -168,7 +209,7 @@ def build_target(family: str, out_dir: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = config.get_text_config().pad_token_id
     model.save_pretrained(path)
-    build_processor(family, tok).save_pretrained(path)
+    build_processor(family, tok, template).save_pretrained(path)
     return path
 
 
@@ -177,9 +218,10 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", choices=TEMPLATES, help="chat template variant (default: each family's own)")
     args = parser.parse_args()
     for family in args.families:
-        print(f"{family}: {build_target(family, args.out_dir, args.seed)}")
+        print(f"{family}: {build_target(family, args.out_dir, args.seed, args.template)}")
 
 
 if __name__ == "__main__":
