@@ -1,4 +1,8 @@
-"""Hidden-state codecs: bf16 stored bit-exactly as 16-bit words, and fp8 e4m3 with per-token, per-layer scales."""
+"""Hidden-state codecs, one table: bf16 stored bit-exactly as 16-bit words, and fp8 e4m3 with per-token,
+per-layer scales. Writer, reader, verification and inspection all go through `CODECS[hidden_dtype]`."""
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,3 +30,29 @@ def fp8_encode(hidden_TLH: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def fp8_decode(codes: np.ndarray, scale_TL: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(codes)).view(torch.float8_e4m3fn).float()
     return (x * torch.from_numpy(np.ascontiguousarray(scale_TL))[..., None]).to(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class HiddenCodec:
+    """How one storage dtype turns `hidden_TLH` into token-axis arrays and back.
+
+    `arrays` maps each stored array to (row shape as a function of (L, H), numpy dtype); `encode` returns the
+    arrays in that order and `decode` takes them in that order.
+    """
+
+    name: str
+    arrays: dict[str, tuple[Callable[[int, int], tuple], str]]
+    encode: Callable[[torch.Tensor], tuple[np.ndarray, ...]]
+    decode: Callable[..., torch.Tensor]
+
+    def row_shapes(self, num_layers: int, hidden_size: int) -> dict[str, tuple[tuple, str]]:
+        return {name: (shape(num_layers, hidden_size), dtype) for name, (shape, dtype) in self.arrays.items()}
+
+
+CODECS = {
+    "bf16": HiddenCodec("bf16", {"hidden": (lambda L, H: (L, H), "uint16")},
+                        encode=lambda h: (bf16_to_words(h),), decode=words_to_bf16),
+    "fp8_e4m3": HiddenCodec("fp8_e4m3", {"hidden": (lambda L, H: (L, H), "uint8"),
+                                         "hidden_scale": (lambda L, H: (L,), "float32")},
+                            encode=fp8_encode, decode=fp8_decode),
+}

@@ -1,18 +1,22 @@
 """Reading a cache: random access by global sample index and deterministic iteration over committed shards."""
 
 import bisect
+import hashlib
 import json
+import logging
 from functools import cached_property
+from itertools import product
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load
 
-from cache_schema.codecs import fp8_decode, words_to_bf16
-from cache_schema.layout import (COMMIT_MARKER, HEAD_FILE, MANIFEST, SHARDS_DIR, CacheCorruptionError, CacheError,
-                                 Manifest, Sample)
+from cache_schema.layout import (CHECKSUMS, COMMIT_MARKER, HEAD_FILE, MANIFEST, SHARDS_DIR, SUMMARY, TOKENIZER_DIR,
+                                 CacheCorruptionError, CacheError, Manifest, Sample, check_compatible)
 from cache_schema.storage import Location
-from cache_schema.writer import check_compatible
+
+log = logging.getLogger(__name__)
 
 
 def load_manifest(loc: Location) -> Manifest:
@@ -20,13 +24,17 @@ def load_manifest(loc: Location) -> Manifest:
         raise CacheError(f"{loc.url} is not a dflash-offline cache: {MANIFEST} not found")
     try:
         data = loc.read_json(MANIFEST)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheCorruptionError(f"{loc.url}/{MANIFEST} is not valid JSON: {e}") from e
     return Manifest.from_dict(data, where=f"{loc.url}/{MANIFEST}")
 
 
 class CacheReader:
-    """Committed shards only, in name order. `expect`, when given, must match the cache's identity."""
+    """Committed shards only, in name order. `expect`, when given, must match the cache's identity.
+
+    A shard is checked when first opened: every array has the shape its marker's counts imply and every chunk
+    file exists (one listing per shard), so a deleted chunk can never read back as zeros.
+    """
 
     def __init__(self, url: str, expect: Manifest | None = None):
         self.loc = Location(url)
@@ -37,43 +45,77 @@ class CacheReader:
         self.markers = {name: self._marker(name) for name in self.shards}
         counts = [self.markers[n]["samples"] for n in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._groups: dict = {}
+        self._arrays: dict = {}
         self._offsets: dict = {}
         self._metas: dict = {}
-        self._arrays: dict = {}
+        if not self.manifest.writes_empty_chunks:
+            log.warning("%s: schema %s cache; its all-zero loss_mask chunks were never written, so a deleted one "
+                        "cannot be told from them. Re-extract for the full check.", url, self.manifest.schema_version)
 
     def __getstate__(self):
-        # Zarr handles do not travel to DataLoader workers; each worker reopens what it reads.
+        # Zarr handles do not travel to DataLoader workers; each worker reopens (and rechecks) what it reads.
         state = self.__dict__.copy()
-        state["_groups"], state["_offsets"], state["_metas"], state["_arrays"] = {}, {}, {}, {}
+        state["_arrays"], state["_offsets"], state["_metas"] = {}, {}, {}
         return state
 
     def _marker(self, name: str) -> dict:
         try:
-            return self.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER)
-        except json.JSONDecodeError as e:
+            marker = self.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheCorruptionError(f"shard {name}: commit marker is not valid JSON: {e}") from e
+        missing = [k for k in ("samples", "tokens", "supervised_tokens") if k not in marker]
+        if missing:
+            raise CacheCorruptionError(f"shard {name}: commit marker lacks key {missing[0]}")
+        return marker
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def read(self, shard: str, array: str, sel=slice(None)) -> np.ndarray:
-        """Read `array[sel]` of a shard; any decoding or checksum failure names the shard and array."""
+    def _open(self, shard: str) -> None:
+        """Open every array of a shard and check its shape and the presence of each of its chunks."""
+        marker = self.markers[shard]
+        expected = self.manifest.shard_shapes(marker["tokens"], marker["samples"])
+        recorded = marker.get("chunks")  # since 1.1
+        files = self.loc.files_under(SHARDS_DIR, shard)
         try:
-            if (shard, array) not in self._arrays:
-                if shard not in self._groups:
-                    self._groups[shard] = self.loc.open_shard(shard, mode="r")
-                self._arrays[shard, array] = self._groups[shard][array]
+            group = self.loc.open_shard(shard, mode="r")
+            arrays = {name: group[name] for name in expected}
+        except (KeyError, ValueError, FileNotFoundError) as e:  # missing node, unreadable or invalid zarr.json
+            raise CacheCorruptionError(f"shard {shard}: {type(e).__name__}: {e}") from e
+        for name, shape in expected.items():
+            arr = arrays[name]
+            if shape is not None and tuple(arr.shape) != shape:
+                raise CacheCorruptionError(f"shard {shard}, array {name}: shape {tuple(arr.shape)}, its commit "
+                                           f"marker implies {shape}")
+            if recorded is not None and recorded.get(name) != arr.nchunks:
+                raise CacheCorruptionError(f"shard {shard}, array {name}: {arr.nchunks} chunks, its commit marker "
+                                           f"says {recorded.get(name)}")
+            if name == "loss_mask" and not self.manifest.writes_empty_chunks:
+                continue
+            grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
+            keys = (f"{name}/{arr.metadata.encode_chunk_key(idx)}" for idx in product(*grid))
+            absent = [key for key in keys if key not in files]
+            if absent:
+                raise CacheCorruptionError(f"shard {shard}, array {name}: {len(absent)} of {arr.nchunks} chunk "
+                                           f"files missing (first: {absent[0]})")
+        for name, arr in arrays.items():
+            self._arrays[shard, name] = arr
+
+    def read(self, shard: str, array: str, sel=slice(None)) -> np.ndarray:
+        """Read `array[sel]` of a shard; a missing chunk or a failed checksum names the shard and array."""
+        if (shard, array) not in self._arrays:
+            self._open(shard)
+        try:
             return self._arrays[shard, array][sel]
-        except Exception as e:  # zarr raises ValueError, KeyError, JSON and codec errors alike
-            raise CacheCorruptionError(f"shard {shard}, array {array}: {type(e).__name__}: {e}") from e
+        except ValueError as e:  # zarr reports a crc32c mismatch (any flipped or cut byte) as ValueError
+            raise CacheCorruptionError(f"shard {shard}, array {array}: {e}") from e
 
     def offsets(self, shard: str) -> np.ndarray:
         if shard not in self._offsets:
             off = self.read(shard, "offsets")
-            if off.shape[0] != self.markers[shard]["samples"] + 1:
-                raise CacheCorruptionError(f"shard {shard}, array offsets: {off.shape[0] - 1} samples, "
-                                           f"commit marker says {self.markers[shard]['samples']}")
+            if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != self.markers[shard]["tokens"]:
+                raise CacheCorruptionError(f"shard {shard}, array offsets: not a monotone range "
+                                           f"0..{self.markers[shard]['tokens']}")
             self._offsets[shard] = off
         return self._offsets[shard]
 
@@ -85,17 +127,22 @@ class CacheReader:
 
     def metas(self, shard: str) -> list[dict]:
         if shard not in self._metas:
-            self._metas[shard] = json.loads(self.read(shard, "meta").tobytes())
+            try:
+                metas = json.loads(self.read(shard, "meta").tobytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CacheCorruptionError(f"shard {shard}, array meta: not valid JSON: {e}") from e
+            if len(metas) != self.markers[shard]["samples"]:
+                raise CacheCorruptionError(f"shard {shard}, array meta: {len(metas)} entries, commit marker says "
+                                           f"{self.markers[shard]['samples']} samples")
+            self._metas[shard] = metas
         return self._metas[shard]
 
     def __getitem__(self, index: int) -> Sample:
         shard, local = self.locate(index)
         off = self.offsets(shard)
         span = slice(int(off[local]), int(off[local + 1]))
-        if self.manifest.storage.hidden_dtype == "bf16":
-            hidden = words_to_bf16(self.read(shard, "hidden", span))
-        else:
-            hidden = fp8_decode(self.read(shard, "hidden", span), self.read(shard, "hidden_scale", span))
+        codec = self.manifest.codec
+        hidden = codec.decode(*(self.read(shard, name, span) for name in codec.arrays))
         meta = dict(self.metas(shard)[local])
         return Sample(key=meta.pop("key"), input_ids=self.read(shard, "input_ids", span),
                       loss_mask=self.read(shard, "loss_mask", span).astype(bool),
@@ -117,11 +164,73 @@ class CacheReader:
             total += self.read(s, "token_freq")
         return total
 
+    @cached_property
+    def checksums(self) -> dict[str, str] | None:
+        """sha256 of the head and tokenizer files; None for a 1.0 cache, which recorded none."""
+        if not self.loc.exists(CHECKSUMS):
+            if self.manifest.writes_empty_chunks:
+                raise CacheCorruptionError(f"{self.loc.url}/{CHECKSUMS} not found: the extraction that made this "
+                                           "cache stopped before its target files were complete; run it again")
+            return None
+        try:
+            return self.loc.read_json(CHECKSUMS)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheCorruptionError(f"{self.loc.url}/{CHECKSUMS} is not valid JSON: {e}") from e
+
+    def _check_file(self, rel: str, data: bytes | None = None) -> None:
+        if self.checksums is None:
+            return
+        if rel not in self.checksums:
+            raise CacheCorruptionError(f"{self.loc.url}/{rel}: no checksum recorded in {CHECKSUMS}")
+        if not self.loc.exists(rel):
+            raise CacheCorruptionError(f"{self.loc.url}/{rel} is missing")
+        got = hashlib.sha256(data).hexdigest() if data is not None else self.loc.sha256(rel)
+        if got != self.checksums[rel]:
+            raise CacheCorruptionError(f"{self.loc.url}/{rel}: sha256 {got[:16]}... does not match the "
+                                       f"{self.checksums[rel][:16]}... recorded in {CHECKSUMS}")
+
     def head_tensors(self) -> dict[str, torch.Tensor]:
+        """The target's embedding, head and final norm, after checking the file against its checksum."""
         if not self.loc.exists(HEAD_FILE):
             raise CacheError(f"{self.loc.url}/{HEAD_FILE} not found: extraction did not export the target head")
-        with self.loc.fs.open(self.loc.path(HEAD_FILE), "rb") as f:
-            return load(f.read())
+        data = self.loc.fs.cat_file(self.loc.path(HEAD_FILE))
+        self._check_file(HEAD_FILE, data)
+        try:
+            return load(data)
+        except SafetensorError as e:
+            raise CacheCorruptionError(f"{self.loc.url}/{HEAD_FILE}: {e}") from e
+
+    def check_tokenizer(self) -> list[str]:
+        """Check every recorded tokenizer file against its checksum; return their paths inside the cache."""
+        names = [rel for rel in (self.checksums or {}) if rel.startswith(f"{TOKENIZER_DIR}/")]
+        for rel in names:
+            self._check_file(rel)
+        return names
+
+    def summary(self) -> dict | None:
+        """The run statistics extraction wrote at its end (None if no run finished yet)."""
+        if not self.loc.exists(SUMMARY):
+            return None
+        try:
+            return self.loc.read_json(SUMMARY)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheCorruptionError(f"{self.loc.url}/{SUMMARY} is not valid JSON: {e}") from e
+
+    def missing_shards(self) -> dict[str, int]:
+        """Shards `summary.json` lists (name -> samples) that are not committed now."""
+        listed = (self.summary() or {}).get("shard_samples", {})
+        return {name: n for name, n in listed.items() if name not in self.markers}
+
+    def describe(self) -> str:
+        """One line for a training log: what is read, and what the last extraction said should be there."""
+        s = self.stats
+        line = (f"cache {self.loc.url}: {s['shards']} committed shards, {s['samples']} samples, {s['tokens']} "
+                f"tokens ({s['supervised_tokens']} supervised)")
+        missing = self.missing_shards()
+        if missing:
+            line += (f"; MISSING {len(missing)} shards with {sum(missing.values())} samples that summary.json "
+                     f"lists: {', '.join(sorted(missing))}")
+        return line
 
     @cached_property
     def stats(self) -> dict:

@@ -1,5 +1,6 @@
 """Where a cache lives: a plain path or any fsspec URL (file://, memory://, s3://, ...)."""
 
+import hashlib
 import json
 import uuid
 
@@ -49,6 +50,28 @@ class Location:
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, final)
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file, so a read-only destination is refused before any long work."""
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm(probe)
+        except OSError as e:
+            raise ValueError(f"out={self.url} is not writable: {type(e).__name__}: {e}") from e
+
+    def sha256(self, *parts: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(*parts), "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def files_under(self, *parts: str) -> set[str]:
+        """Every file below a folder, as paths relative to it, from one listing."""
+        base = self.path(*parts)
+        return {p[len(base) + 1:] for p in self.fs.find(base)} if self.fs.exists(base) else set()
 
     def write_json_atomic(self, obj, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)

@@ -5,35 +5,26 @@ written twice) and made visible by the commit marker written last. A process kil
 uncommitted group that readers ignore and the next writer of the same shard name removes first.
 """
 
+import hashlib
 import json
+import os
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 from safetensors.torch import save
 
-from cache_schema.codecs import bf16_to_words, fp8_encode
-from cache_schema.layout import (COMMIT_MARKER, HEAD_FILE, HEAD_TENSORS, MANIFEST, SHARDS_DIR, SUMMARY,
-                                 CacheError, IncompatibleCacheError, Manifest, Sample)
+from cache_schema.layout import (CHECKSUMS, COMMIT_MARKER, HEAD_FILE, HEAD_TENSORS, MANIFEST, SHARDS_DIR, SUMMARY,
+                                 TOKENIZER_DIR, CacheError, Manifest, Sample, check_compatible)
+from cache_schema.reader import CacheReader
 from cache_schema.storage import Location, compressors
 
 # Token-axis chunks buffered before a write; larger batches amortise per-write overhead on object stores.
 FLUSH_CHUNKS = 4
-
-
-def check_compatible(existing: Manifest, wanted: Manifest, where: str) -> None:
-    bad = existing.mismatches(wanted)
-    if bad:
-        e, w = existing.to_dict(), wanted.to_dict()
-
-        def value(d, key):
-            for part in key.split("."):
-                d = d.get(part) if isinstance(d, dict) else None
-            return d
-
-        detail = "; ".join(f"{k}: cache has {value(e, k)!r}, requested {value(w, k)!r}" for k in bad)
-        raise IncompatibleCacheError(f"{where} belongs to another target or configuration ({detail}). "
-                                     "Use a new cache directory or change the keys named here.")
+# zarr skips chunks equal to the fill value; an all-zero loss-mask chunk is legitimate, and only a cache whose
+# every chunk exists can tell a deleted chunk from a zero one.
+EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 class CacheWriter:
@@ -42,6 +33,7 @@ class CacheWriter:
     def __init__(self, url: str, manifest: Manifest):
         self.loc = Location(url)
         self.manifest = manifest
+        self.loc.check_writable()
         if self.loc.exists(MANIFEST):
             existing = Manifest.from_dict(self.loc.read_json(MANIFEST), where=f"{url}/{MANIFEST}")
             check_compatible(existing, manifest, f"cache {url}")
@@ -62,15 +54,46 @@ class CacheWriter:
             self.loc.remove_shard(name)  # leftover of a killed run
         return ShardWriter(self.loc, self.manifest, name)
 
-    def write_head(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in HEAD_TENSORS if k not in tensors]
+    def target_files_written(self) -> bool:
+        return self.loc.exists(CHECKSUMS)
+
+    def write_target_files(self, head: dict[str, torch.Tensor], tokenizer_dir: str) -> None:
+        """The head tensors and the tokenizer files of a local folder, then `checksums.json` naming each.
+
+        The checksums are written last, so a run killed before them rewrites all of it on the next start.
+        """
+        missing = [k for k in HEAD_TENSORS if k not in head]
         if missing:
             raise ValueError(f"target head tensors missing: {missing}")
-        data = save({k: tensors[k].detach().cpu().contiguous() for k in HEAD_TENSORS})
+        data = save({k: head[k].detach().cpu().contiguous() for k in HEAD_TENSORS})
         self.loc.write_bytes_atomic(data, HEAD_FILE)
+        sums = {HEAD_FILE: hashlib.sha256(data).hexdigest()}
+        local = Location(tokenizer_dir)
+        sums.update({f"{TOKENIZER_DIR}/{rel}": local.sha256(rel) for rel in sorted(local.files_under())})
+        if self.loc.exists(TOKENIZER_DIR):
+            self.loc.fs.rm(self.loc.path(TOKENIZER_DIR), recursive=True)
+        staging = self.loc.path(f"{TOKENIZER_DIR}.tmp-{time.time_ns()}-{os.getpid()}")
+        self.loc.fs.put(tokenizer_dir, staging, recursive=True)
+        self.loc.fs.mv(staging, self.loc.path(TOKENIZER_DIR), recursive=True)
+        self.loc.write_json_atomic(sums, CHECKSUMS)
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, run: dict) -> dict:
+        """Aggregate every committed shard's statistics, skip counts and sample keys into summary.json.
+
+        `shard_samples` lets a later `verify` name any shard that went missing; keys held by more than one
+        sample (within or across shards) are counted, since they usually mean an input was listed twice.
+        """
+        reader = CacheReader(self.loc.url)
+        skipped = Counter()
+        for marker in reader.markers.values():
+            skipped.update(marker.get("skipped", {}))
+        keys = Counter(meta["key"] for shard in reader.shards for meta in reader.metas(shard))
+        repeated = sorted(k for k, n in keys.items() if n > 1)
+        summary = {**reader.stats, "shard_samples": {s: m["samples"] for s, m in reader.markers.items()},
+                   "skipped": dict(sorted(skipped.items())), "duplicate_keys": len(repeated),
+                   "duplicate_key_examples": repeated[:10], **run}
         self.loc.write_json_atomic(summary, SUMMARY)
+        return summary
 
 
 class _Appender:
@@ -101,26 +124,14 @@ class ShardWriter:
     def __init__(self, loc: Location, manifest: Manifest, name: str):
         self.loc, self.manifest, self.name = loc, manifest, name
         st = manifest.storage
-        L, H = manifest.num_layers, manifest.target.hidden_size
         self.group = loc.open_shard(name, mode="w")
         comp = compressors(st.compression)
         light = compressors("zstd")  # ids, masks and positions compress well and are small either way
-
-        def make(arr_name, row_shape, dtype, codecs):
-            arr = self.group.create_array(arr_name, shape=(0, *row_shape), chunks=(st.chunk_tokens, *row_shape),
-                                          dtype=dtype, compressors=codecs)
-            return _Appender(arr, st.chunk_tokens)
-
-        self.columns = {
-            "input_ids": make("input_ids", (), "int32", light),
-            "loss_mask": make("loss_mask", (), "uint8", light),
-            "position_ids": make("position_ids", (3,), "int32", light),
-        }
-        if st.hidden_dtype == "bf16":
-            self.columns["hidden"] = make("hidden", (L, H), "uint16", comp)
-        else:
-            self.columns["hidden"] = make("hidden", (L, H), "uint8", comp)
-            self.columns["hidden_scale"] = make("hidden_scale", (L,), "float32", light)
+        self.columns = {}
+        for arr_name, (row, dtype) in manifest.token_arrays().items():
+            arr = self.group.create_array(arr_name, shape=(0, *row), chunks=(st.chunk_tokens, *row), dtype=dtype,
+                                          compressors=comp if arr_name == "hidden" else light, config=EVERY_CHUNK)
+            self.columns[arr_name] = _Appender(arr, st.chunk_tokens)
         self.group.attrs.update({"hidden_dtype": st.hidden_dtype, "target_layer_ids": manifest.target_layer_ids})
         self.offsets = [0]
         self.metas: list[dict] = []
@@ -128,9 +139,6 @@ class ShardWriter:
         self.supervised = 0
         self.image_tokens = 0
         self.committed = False
-
-    def __len__(self) -> int:
-        return len(self.metas)
 
     def add(self, sample: Sample) -> None:
         assert not self.committed, "shard already committed"
@@ -142,12 +150,9 @@ class ShardWriter:
         self.columns["input_ids"].add(ids)
         self.columns["loss_mask"].add(mask.astype(np.uint8))
         self.columns["position_ids"].add(np.asarray(sample.position_ids, dtype=np.int32).T)
-        if self.manifest.storage.hidden_dtype == "bf16":
-            self.columns["hidden"].add(bf16_to_words(sample.hidden_TLH))
-        else:
-            codes, scales = fp8_encode(sample.hidden_TLH)
-            self.columns["hidden"].add(codes)
-            self.columns["hidden_scale"].add(scales)
+        codec = self.manifest.codec
+        for name, rows in zip(codec.arrays, codec.encode(sample.hidden_TLH)):
+            self.columns[name].add(rows)
         self.offsets.append(self.offsets[-1] + len(sample))
         self.metas.append({"key": sample.key, **sample.meta})
         self.token_freq += np.bincount(ids[mask], minlength=self.token_freq.size)
@@ -160,13 +165,13 @@ class ShardWriter:
             col.flush(final=True)
         light = compressors("zstd")
         offsets = np.asarray(self.offsets, dtype=np.int64)
-        self.group.create_array("offsets", data=offsets, chunks=(max(1, offsets.size),), compressors=light)
         meta = np.frombuffer(json.dumps(self.metas).encode(), dtype=np.uint8)
-        self.group.create_array("meta", data=meta, chunks=(max(1, meta.size),), compressors=light)
-        self.group.create_array("token_freq", data=self.token_freq, chunks=(self.token_freq.size,),
-                                compressors=light)
+        for name, data in (("offsets", offsets), ("meta", meta), ("token_freq", self.token_freq)):
+            self.group.create_array(name, data=data, chunks=data.shape, compressors=light, config=EVERY_CHUNK)
+        chunks = {name: int(self.group[name].nchunks) for name in sorted(self.group.array_keys())}
         stats = {"samples": len(self.metas), "tokens": int(offsets[-1]), "supervised_tokens": self.supervised,
-                 "image_tokens": self.image_tokens, "committed_at": time.time(), **(extra or {})}
+                 "image_tokens": self.image_tokens, "chunks": chunks, "committed_at": time.time(),
+                 **(extra or {})}
         self.loc.write_json_atomic(stats, SHARDS_DIR, self.name, COMMIT_MARKER)
         self.committed = True
         return stats

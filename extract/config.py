@@ -6,6 +6,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from cache_schema import StorageInfo
+from cache_schema.layout import HIDDEN_DTYPES
+from cache_schema.storage import compressors
 
 
 @dataclass
@@ -22,10 +24,13 @@ class TargetConfig:
     enable_thinking: bool | None = None  # None: the chat template's default
 
 
+FORMATS = ("auto", "llava", "messages")
+
+
 @dataclass
-class DataConfig:
+class InputConfig:
     shards: str = MISSING  # brace pattern or comma-separated list of webdataset shards
-    format: str = "auto"  # auto | llava | messages
+    format: str = "auto"  # one of FORMATS
     max_length: int = 4096  # samples longer than this (prompt or final) are skipped and counted
 
 
@@ -40,12 +45,27 @@ class GenerationConfig:
 class ExtractConfig:
     out: str = MISSING  # cache path or fsspec URL
     target: TargetConfig = field(default_factory=TargetConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: InputConfig = field(default_factory=InputConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     storage: StorageInfo = field(default_factory=StorageInfo)  # hidden_dtype bf16 | fp8_e4m3, compression, chunk_tokens
-    strict: bool = False  # stop at the first bad sample instead of skipping it
+    strict: bool = False  # stop at the first bad sample or broken input shard instead of counting it
     progress: bool = True
-    seed: int = 0
+    threads: int | None = None  # intra-op CPU threads of every rank; None: torch's default (see docs/decisions.md)
+
+    def validate(self) -> None:
+        """Refuse a mistaken setting by its key, before anything is loaded or written."""
+        if self.data.format not in FORMATS:
+            raise ValueError(f"data.format={self.data.format!r}; choose from {FORMATS}")
+        if self.storage.hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"storage.hidden_dtype={self.storage.hidden_dtype!r}; choose from {HIDDEN_DTYPES}")
+        compressors(self.storage.compression)
+        counts = {"generation.batch_size": self.generation.batch_size,
+                  "generation.max_new_tokens": self.generation.max_new_tokens,
+                  "data.max_length": self.data.max_length, "target.num_capture_layers": self.target.num_capture_layers,
+                  "storage.chunk_tokens": self.storage.chunk_tokens, "threads": self.threads}
+        for key, value in counts.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key}={value!r} must be an integer >= 1")
 
 
 ConfigStore.instance().store(name="extract_schema", node=ExtractConfig)

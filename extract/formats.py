@@ -142,10 +142,13 @@ def parse_sample(record: dict, source: str, fmt: str = "auto") -> Conversation:
         first_user = next(m for m in messages if m["role"] == "user")
         first_user["content"][:0] = [{"type": "image"} for _ in names]
         wanted = len(names)
-    if wanted > len(names):
+    if wanted != len(names):
         raise SkipSample("image_count_mismatch", f"{wanted} <image> placeholders, {len(names)} images")
-    missing = [n for n in names[:wanted] if n not in record]
+    unlisted = sorted(k for k in record if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and k not in names)
+    if unlisted:
+        raise SkipSample("unreferenced_image", f"{', '.join(unlisted)} not in the sample's image list")
+    missing = [n for n in names if n not in record]
     if missing:
         raise SkipSample("missing_image", ", ".join(missing))
-    images = [decode_image(record[n], n) for n in names[:wanted]]
+    images = [decode_image(record[n], n) for n in names]
     return Conversation(key=key, source=source, messages=messages, images=images)

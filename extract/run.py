@@ -12,18 +12,18 @@ from itertools import islice
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
-from cache_schema import CacheReader, CacheWriter, Manifest, TargetInfo
-from cache_schema.layout import HEAD_FILE, TOKENIZER_DIR
+from cache_schema import CacheWriter, Manifest, TargetInfo
 from extract.capture import capture
 from extract.config import ExtractConfig
 from extract.formats import SkipSample
 from extract.regenerate import build_sequences
-from extract.sources import conversations, expand_shards, output_shard_name, shards_for_rank
+from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
 from extract.target import (Target, check_layer_ids, config_fingerprint, deepstack_layers, default_layer_ids,
-                            load_target, tokenizer_fingerprint)
+                            load_target, special_token_ids, tokenizer_fingerprint)
 
 log = logging.getLogger("extract")
 
@@ -37,31 +37,27 @@ def resolve_layer_ids(cfg: ExtractConfig, config) -> list[int]:
     return ids
 
 
-def make_manifest(cfg: ExtractConfig, target: Target, layer_ids: list[int]) -> Manifest:
-    text = target.text_config
-    info = TargetInfo(name_or_path=target.name_or_path, model_type=target.family,
+def make_manifest(cfg: ExtractConfig, config, tokenizer, layer_ids: list[int]) -> Manifest:
+    """The cache identity, from the target's config and tokenizer alone: known before the model is loaded."""
+    text = config.get_text_config()
+    info = TargetInfo(name_or_path=str(cfg.target.path), model_type=config.model_type,
                       num_hidden_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
-                      vocab_size=text.vocab_size, fingerprint=config_fingerprint(target.model.config))
+                      vocab_size=text.vocab_size, fingerprint=config_fingerprint(config))
     generation = {"regenerate": cfg.generation.regenerate, "max_new_tokens": cfg.generation.max_new_tokens,
                   "max_length": cfg.data.max_length, "system_prompt": cfg.target.system_prompt,
                   "enable_thinking": cfg.target.enable_thinking, "target_dtype": cfg.target.dtype,
                   "greedy": True}
     return Manifest(target=info, target_layer_ids=layer_ids, storage=cfg.storage,
-                    tokenizer_fingerprint=tokenizer_fingerprint(target.tokenizer), generation=generation,
-                    special_tokens=target.special_tokens)
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), generation=generation,
+                    special_tokens=special_token_ids(tokenizer))
 
 
 def export_target_files(writer: CacheWriter, target: Target) -> None:
-    """Head tensors and tokenizer files, once per cache, so training and inspection need no target."""
-    loc = writer.loc
-    if not loc.exists(HEAD_FILE):
-        writer.write_head(target.head_tensors())
-    if not loc.exists(TOKENIZER_DIR):
-        with tempfile.TemporaryDirectory() as tmp:
-            target.processor.save_pretrained(tmp)
-            staging = loc.path(f"{TOKENIZER_DIR}.tmp-{time.time_ns()}")
-            loc.fs.put(tmp, staging, recursive=True)
-            loc.fs.mv(staging, loc.path(TOKENIZER_DIR), recursive=True)
+    """Head tensors and tokenizer files with their checksums, once per cache, so training and inspection need
+    no target."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target.processor.save_pretrained(tmp)
+        writer.write_target_files(target.head_tensors(), tmp)
 
 
 def batched(iterable, n):
@@ -71,26 +67,50 @@ def batched(iterable, n):
 
 
 def run(cfg: ExtractConfig) -> dict:
+    cfg.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     # On a CPU-only machine `accelerate launch --multi_gpu` still starts one process per rank; cpu=True
     # makes accelerate join them over gloo instead of looking for CUDA.
     state = PartialState(cpu=not torch.cuda.is_available())
     shards = expand_shards(cfg.data.shards)
     mine = shards_for_rank(shards, state.process_index, state.num_processes)
-    torch.manual_seed(cfg.seed)
-    layer_ids = resolve_layer_ids(cfg, AutoConfig.from_pretrained(cfg.target.path))  # refused before any loading
-    target = load_target(cfg.target.path, dtype=cfg.target.dtype, device=cfg.target.device or str(state.device),
-                         device_map=cfg.target.device_map, attn_implementation=cfg.target.attn_implementation,
-                         model_type=cfg.target.model_type)
-    writer = CacheWriter(cfg.out, make_manifest(cfg, target, layer_ids))
-    if state.is_main_process:
-        export_target_files(writer, target)
-    done = writer.committed()
-    log.info("rank %d/%d: %d of %d input shards, %d already committed", state.process_index,
-             state.num_processes, len(mine), len(shards), sum(output_shard_name(u) in done for u in mine))
 
-    totals = Counter()
-    bar = tqdm(unit="sample", desc=f"extract[{state.process_index}]", disable=not cfg.progress,
-               position=state.process_index)
+    # Every refusal that needs no model comes first: loading a real target takes minutes.
+    config = AutoConfig.from_pretrained(cfg.target.path)
+    layer_ids = resolve_layer_ids(cfg, config)
+    manifest = make_manifest(cfg, config, AutoTokenizer.from_pretrained(cfg.target.path), layer_ids)
+    writer = CacheWriter(cfg.out, manifest)  # refuses a cache of another target or config, and read-only output
+    done = writer.committed()
+    todo = [u for u in mine if output_shard_name(u) not in done]
+    log.info("rank %d/%d: %d of %d input shards, %d already committed", state.process_index,
+             state.num_processes, len(mine), len(shards), len(mine) - len(todo))
+
+    export = state.is_main_process and not writer.target_files_written()
+    start = time.perf_counter()
+    incomplete = {}
+    if todo or export:
+        target = load_target(cfg.target.path, dtype=cfg.target.dtype,
+                             device=cfg.target.device or str(state.device), device_map=cfg.target.device_map,
+                             attn_implementation=cfg.target.attn_implementation, model_type=cfg.target.model_type)
+        if export:
+            export_target_files(writer, target)
+        incomplete = extract_shards(cfg, target, writer, layer_ids, todo, state.process_index)
+    else:
+        log.info("rank %d: nothing to do, the target is not loaded", state.process_index)
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        incomplete = dict(kv for kv in gather_object(list(incomplete.items())))
+    if not state.is_main_process:
+        return {}
+    return write_summary(writer, cfg.out, incomplete, time.perf_counter() - start)
+
+
+def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, layer_ids: list[int], urls: list[str],
+                   rank: int) -> dict[str, str]:
+    """Each input shard to one committed output shard; returns {input: why} of those not read to their end."""
+    totals, incomplete = Counter(), {}
+    bar = tqdm(unit="sample", desc=f"extract[{rank}]", disable=not cfg.progress, position=rank)
     start = time.perf_counter()
 
     def on_skip(key, skip: SkipSample):
@@ -99,45 +119,49 @@ def run(cfg: ExtractConfig) -> dict:
                              "shard was committed)")
         log.warning("skipped %s: %s", key, skip)
 
-    for url in mine:
+    for url in urls:
         name = output_shard_name(url)
-        if name in done:
-            continue
         shard = writer.shard(name)
         skips = Counter()
-        for batch in batched(conversations(url, cfg.data.format, skips, on_skip), cfg.generation.batch_size):
-            results = build_sequences(target, batch, cfg.generation.regenerate, cfg.generation.max_new_tokens,
-                                      cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking)
-            for conv, result in zip(batch, results):
-                if isinstance(result, SkipSample):
-                    skips[result.reason] += 1
-                    on_skip(conv.key, result)
-                    continue
-                sample = capture(target, result, layer_ids)
-                shard.add(sample)
-                totals["captured_tokens"] += len(sample)
-                totals["generated_tokens"] += result.generated_tokens
-            elapsed = time.perf_counter() - start
-            bar.update(sum(not isinstance(r, SkipSample) for r in results))
-            bar.set_postfix(gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
-                            cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=sum(skips.values()))
+        try:
+            for batch in batched(conversations(url, cfg.data.format, skips, on_skip), cfg.generation.batch_size):
+                results = build_sequences(target, batch, cfg.generation.regenerate, cfg.generation.max_new_tokens,
+                                          cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking)
+                for conv, result in zip(batch, results):
+                    if isinstance(result, SkipSample):
+                        skips[result.reason] += 1
+                        on_skip(conv.key, result)
+                        continue
+                    sample = capture(target, result, layer_ids)
+                    shard.add(sample)
+                    totals["captured_tokens"] += len(sample)
+                    totals["generated_tokens"] += result.generated_tokens
+                elapsed = time.perf_counter() - start
+                bar.update(sum(not isinstance(r, SkipSample) for r in results))
+                bar.set_postfix(gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
+                                cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=sum(skips.values()))
+        except IncompleteShard as e:
+            if cfg.strict:
+                raise ValueError(f"{e} (strict=true stops at the first broken input shard)") from e
+            log.warning("%s; its output %s is not committed, a re-run retries it", e, name)
+            writer.loc.remove_shard(name)
+            incomplete[url] = f"{e.reason}: {e.detail}"
+            continue
         shard.commit({"source": url, "skipped": dict(skips)})
     bar.close()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {}
-    return write_summary(writer, cfg.out, time.perf_counter() - start)
+    return incomplete
 
 
-def write_summary(writer: CacheWriter, url: str, seconds: float) -> dict:
-    """Aggregate every committed shard's statistics and skip counts into summary.json and print them."""
-    reader = CacheReader(url)
-    skipped = Counter()
-    for marker in reader.markers.values():
-        skipped.update(marker.get("skipped", {}))
-    summary = {**reader.stats, "skipped": dict(sorted(skipped.items())), "last_run_seconds": round(seconds, 2)}
-    writer.write_summary(summary)
-    lines = [f"  {k}: {v}" for k, v in summary.items() if k != "skipped"]
+def write_summary(writer: CacheWriter, url: str, incomplete: dict[str, str], seconds: float) -> dict:
+    """summary.json from every committed shard plus this run's incomplete input shards; printed as well."""
+    summary = writer.write_summary({"incomplete_input_shards": dict(sorted(incomplete.items())),
+                                    "last_run_seconds": round(seconds, 2)})
+    shown = ("samples", "tokens", "supervised_tokens", "image_tokens", "shards", "uncommitted_shards",
+             "duplicate_keys", "last_run_seconds")
+    lines = [f"  {k}: {summary[k]}" for k in shown]
     lines += [f"  skipped.{k}: {v}" for k, v in summary["skipped"].items()] or ["  skipped: none"]
+    if summary["duplicate_keys"]:
+        lines.append(f"  duplicate key examples: {', '.join(summary['duplicate_key_examples'])}")
+    lines += [f"  NOT COMMITTED (re-run to retry) {k}: {v}" for k, v in summary["incomplete_input_shards"].items()]
     print(f"extract summary for {url}\n" + "\n".join(lines), flush=True)
     return summary

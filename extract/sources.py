@@ -7,28 +7,66 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 
+import fsspec
 import webdataset as wds
 from braceexpand import braceexpand
+from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import base_plus_ext
 
 from extract.formats import Conversation, SkipSample, parse_sample
 
 log = logging.getLogger(__name__)
 
 
+class IncompleteShard(Exception):
+    """An input shard that could not be read to its end; its output is not committed, so a re-run retries it."""
+
+    def __init__(self, url: str, reason: str, detail: str):
+        super().__init__(f"input shard {url}: {reason}: {detail}")
+        self.url, self.reason, self.detail = url, reason, detail
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _split_outside_braces(text: str) -> list[str]:
+    """Split a comma-separated list, leaving the commas of brace alternatives (`{a,b}.tar`) to braceexpand."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace patterns, comma-separated lists, or a list of either; local paths, URLs and `pipe:` commands."""
+    """Brace patterns, comma-separated lists, or a list of either; local paths, URLs and `pipe:` commands.
+
+    A shard listed twice (the same spelling, or two spellings of one local file) is kept once, at its first
+    place; local paths are normalised (`./a.tar` -> `a.tar`) so their output names do not depend on spelling.
+    """
     items = [spec] if isinstance(spec, str) else list(spec)
-    out = []
+    listed = []
     for item in items:
-        for part in str(item).split(","):
-            part = part.strip()
-            if part:
-                out.extend(braceexpand(part))
-    if not out:
+        for part in _split_outside_braces(str(item)):
+            if part.strip():
+                listed.extend(braceexpand(part.strip()))
+    if not listed:
         raise ValueError("data.shards names no input shard")
-    local_missing = [u for u in out if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    local_missing = [u for u in listed if _is_local(u) and not os.path.exists(u)]
     if local_missing:
         raise ValueError(f"data.shards: {len(local_missing)} input shards do not exist, e.g. {local_missing[0]}")
+    out, seen = [], set()
+    for url in listed:
+        url = os.path.normpath(url) if _is_local(url) else url
+        identity = os.path.realpath(url) if _is_local(url) else url
+        if identity not in seen:
+            seen.add(identity)
+            out.append(url)
+    if len(out) < len(listed):
+        log.warning("data.shards lists %d input shards more than once; each is read once", len(listed) - len(out))
     return out
 
 
@@ -46,21 +84,92 @@ def output_shard_name(url: str) -> str:
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
-def _all(urls):
-    return urls
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Notes on its archive whether iteration stopped at the end-of-archive zero block.
+
+    tarfile ends iteration quietly both at that block and at a plain end of data, so an archive cut at a
+    member boundary or inside a header would otherwise look complete.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # raised for a block of 512 zero bytes only
+            tar.reached_end_marker = True
+            raise
+
+
+def _open(url: str):
+    scheme = url.split(":", 1)[0] if "://" in url or url.startswith("pipe:") else ""
+    try:
+        if scheme and scheme not in gopen_schemes:  # e.g. s3://, which webdataset cannot open but fsspec can
+            return fsspec.open(url, "rb").open()
+        return wds.gopen(url)
+    except (OSError, ValueError) as e:  # webdataset raises ValueError for a pipe that does not start
+        raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
+
+
+def _members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
+    """(key, suffix, bytes) of each regular member, as webdataset splits names; raises IncompleteShard unless
+    the archive reads to its end-of-archive marker."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
+        tar.reached_end_marker = False
+        for info in tar:
+            key, suffix = base_plus_ext(info.name)
+            if info.isreg() and key is not None and not os.path.basename(info.name).startswith("__"):
+                yield key, suffix.lower(), tar.extractfile(info).read()
+            tar.members = []  # a streamed tar would otherwise keep every member's header
+    except (OSError, EOFError, tarfile.TarError) as e:
+        raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
+    if not tar.reached_end_marker:
+        raise IncompleteShard(url, "truncated", "no end-of-archive marker: the file was cut short")
+
+
+def tar_records(url: str, skips: Counter, on_skip) -> Iterator[dict]:
+    """webdataset records (`__key__`, `__url__`, one entry per member suffix) of one tar, read to its end.
+
+    Adjacent members sharing a key form one record, as in webdataset; a record holding a suffix twice is
+    skipped as `duplicate_member` instead of ending the shard. Raises IncompleteShard when the archive cannot
+    be read to its end (a cut file, a failed read, a `pipe:` command that exits with an error).
+    """
+    stream = _open(url)
+    finished = False
+    try:
+        record, repeated = None, False
+        for key, suffix, data in _members(url, stream):
+            if record is not None and record["__key__"] != key:
+                yield from _checked(record, repeated, skips, on_skip)
+                record = None
+            if record is None:
+                record, repeated = {"__key__": key, "__url__": url}, False
+            repeated = repeated or suffix in record
+            record[suffix] = data
+        if record is not None:
+            yield from _checked(record, repeated, skips, on_skip)
+        finished = True
+    finally:
+        try:
+            stream.close()  # a `pipe:` command's exit status is checked here
+        except OSError as e:
+            if finished:
+                raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
+
+
+def _checked(record: dict, repeated: bool, skips: Counter, on_skip) -> Iterator[dict]:
+    if repeated:
+        skips["duplicate_member"] += 1
+        on_skip(record["__key__"], SkipSample("duplicate_member", "a member name occurs twice in the tar"))
+    else:
+        yield record
 
 
 def conversations(url: str, fmt: str, skips: Counter, on_skip) -> Iterator[Conversation]:
     """Parse every record of one input shard; bad samples go to `on_skip(key, SkipSample)` and are counted."""
-    # Ranks are assigned whole shards by shards_for_rank, so webdataset must not split them again.
-    dataset = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=_all, workersplitter=_all)
-    try:
-        for record in dataset:
-            try:
-                yield parse_sample(record, source=url, fmt=fmt)
-            except SkipSample as skip:
-                skips[skip.reason] += 1
-                on_skip(record.get("__key__", "?"), skip)
-    except (OSError, EOFError, tarfile.TarError) as e:  # truncated or malformed tar: keep what was read
-        skips["unreadable_shard"] += 1
-        on_skip(url, SkipSample("unreadable_shard", str(e)))
+    for record in tar_records(url, skips, on_skip):
+        try:
+            yield parse_sample(record, source=url, fmt=fmt)
+        except SkipSample as skip:
+            skips[skip.reason] += 1
+            on_skip(record["__key__"], skip)

@@ -69,6 +69,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return None if tid is None or tid == tokenizer.unk_token_id else tid
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The ids the cache manifest records (image, video, turn and pad tokens) that this tokenizer has."""
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "im_start_id": "<|im_start|>",
+             "im_end_id": "<|im_end|>", "pad_token_id": tokenizer.pad_token or "<|endoftext|>"}
+    return {k: t for k, v in names.items() if (t := token_id(tokenizer, v)) is not None}
+
+
 @dataclass
 class Target:
     model: torch.nn.Module
@@ -100,15 +113,11 @@ class Target:
         return self.decoder.layers
 
     def token_id(self, token: str) -> int | None:
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        return None if tid is None or tid == self.tokenizer.unk_token_id else tid
+        return token_id(self.tokenizer, token)
 
     @cached_property
     def special_tokens(self) -> dict[str, int]:
-        names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-                 "vision_start_token_id": "<|vision_start|>", "im_start_id": "<|im_start|>",
-                 "im_end_id": "<|im_end|>", "pad_token_id": self.tokenizer.pad_token or "<|endoftext|>"}
-        return {k: t for k, v in names.items() if (t := self.token_id(v)) is not None}
+        return special_token_ids(self.tokenizer)
 
     @cached_property
     def eos_ids(self) -> list[int]:

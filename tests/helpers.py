@@ -24,3 +24,16 @@ def make_sample(key: str, length: int, manifest: Manifest, seed: int) -> Sample:
     return Sample(key=key, input_ids=rng.integers(0, manifest.target.vocab_size, length).astype(np.int32),
                   loss_mask=rng.random(length) < 0.5, position_ids=positions,
                   hidden_TLH=hidden.to(torch.bfloat16), meta={"num_image_tokens": int(rng.integers(0, 9))})
+
+
+def write_target_files(writer, tmp_path) -> dict:
+    """Random head tensors and a two-file tokenizer folder, written through the writer; returns the head."""
+    m = writer.manifest
+    v, h = m.target.vocab_size, m.target.hidden_size
+    head = {"embed_tokens": torch.randn(v, h), "lm_head": torch.randn(v, h), "final_norm": torch.rand(h)}
+    tok = tmp_path / "tokenizer-src"
+    (tok / "sub").mkdir(parents=True, exist_ok=True)
+    (tok / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (tok / "sub" / "merges.txt").write_text("a b\n")
+    writer.write_target_files(head, str(tok))
+    return head

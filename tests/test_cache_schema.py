@@ -14,7 +14,7 @@ import torch
 from cache_schema import (CacheCorruptionError, CacheReader, CacheWriter, IncompatibleCacheError, verify)
 from cache_schema.codecs import bf16_to_words
 from cache_schema.storage import Location
-from helpers import make_manifest, make_sample
+from helpers import make_manifest, make_sample, write_target_files
 
 LENGTHS = [1, 5000, 17, 64, 65, 300, 2, 1023]
 
@@ -71,21 +71,24 @@ def test_statistics_and_token_frequencies(cache_url):
     assert reader.stats["image_tokens"] == sum(s.meta["num_image_tokens"] for s in samples)
 
 
-def test_head_tensors_round_trip(cache_url):
+def test_target_files_round_trip(cache_url, tmp_path):
     manifest = make_manifest()
     writer = CacheWriter(cache_url, manifest)
-    head = {"embed_tokens": torch.randn(300, 32), "lm_head": torch.randn(300, 32), "final_norm": torch.rand(32)}
-    writer.write_head(head)
-    got = CacheReader(cache_url).head_tensors()
+    head = write_target_files(writer, tmp_path)
+    reader = CacheReader(cache_url)
+    got = reader.head_tensors()
     for k, v in head.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    assert reader.check_tokenizer() == ["tokenizer/sub/merges.txt", "tokenizer/vocab.json"]
+    assert Location(cache_url).fs.cat_file(Location(cache_url).path("tokenizer/sub/merges.txt")) == b"a b\n"
+    assert verify(cache_url, progress=False)["checked_files"] == 3
 
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from cache_schema import CacheWriter
-    from helpers import make_manifest, make_sample
+    from helpers import make_manifest, make_sample, write_target_files
     manifest = make_manifest()
     writer = CacheWriter({url!r}, manifest)
     shard = writer.shard("shard-000")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ from PIL import Image
 
 from cache_schema import CacheReader
 from cache_schema.codecs import bf16_to_words
-from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
+from extract.config import ExtractConfig, InputConfig, GenerationConfig, TargetConfig
 from extract.run import run
 from tools.demo_shards import write_shards
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def config(out, shards, target_dir, **kw) -> ExtractConfig:
     target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu", layer_ids=[2, 4, 5])
     return ExtractConfig(out=str(out), target=target,
-                         data=DataConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
+                         data=InputConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
                          generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
 
 
@@ -72,13 +73,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_targets, f
 
 
 def test_accelerate_two_processes_equal_one(tmp_path, tiny_targets, four_shards):
+    """Byte-identical whatever the machine's core count: both runs pin the same intra-op thread count."""
     target = tiny_targets / "qwen3_vl"
-    run(config(tmp_path / "one", four_shards, target))
+    threads = torch.get_num_threads()
+    try:
+        run(config(tmp_path / "one", four_shards, target, threads=1))
+    finally:
+        torch.set_num_threads(threads)
     two = tmp_path / "two" / "cache"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract"]
-    result = subprocess.run(cmd + extract_cli(two, four_shards, target)[3:], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(cmd + extract_cli(two, four_shards, target, "threads=1")[3:], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cache_contents(two) == cache_contents(tmp_path / "one")
     assert "extract summary" in result.stdout

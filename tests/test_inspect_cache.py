@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from extract.config import DataConfig, ExtractConfig, GenerationConfig, TargetConfig
+from extract.config import ExtractConfig, InputConfig, GenerationConfig, TargetConfig
 from extract.run import run
 from tools.inspect_cache import main
 
@@ -14,7 +14,7 @@ def cache(tmp_path_factory, tiny_targets, demo_shards):
     out = tmp_path_factory.mktemp("inspect") / "cache"
     run(ExtractConfig(out=str(out), target=TargetConfig(path=str(tiny_targets / "qwen3_vl"), dtype="float32",
                                                         device="cpu", layer_ids=[2, 4, 5]),
-                      data=DataConfig(shards=str(demo_shards[0])), generation=GenerationConfig(max_new_tokens=12),
+                      data=InputConfig(shards=str(demo_shards[0])), generation=GenerationConfig(max_new_tokens=12),
                       progress=False))
     return out
 

@@ -8,24 +8,21 @@ import json
 import os
 import sys
 
+import numpy as np
 
-from cache_schema import CacheReader, verify
-from cache_schema.layout import SHARDS_DIR, SUMMARY, TOKENIZER_DIR
+from cache_schema import CacheError, CacheReader, verify
+from cache_schema.layout import SHARDS_DIR, TOKENIZER_DIR
 from cache_schema.storage import Location
-
-# Bytes one token takes before compression: ids (4), mask (1), positions (12), and the hidden rows.
-TOKEN_ROW_BYTES = 4 + 1 + 12
 
 
 def summary(reader: CacheReader) -> dict:
     m = reader.manifest
     stats = reader.stats
-    hidden_bytes = m.num_layers * m.target.hidden_size * (2 if m.storage.hidden_dtype == "bf16" else 1)
-    if m.storage.hidden_dtype != "bf16":
-        hidden_bytes += 4 * m.num_layers
+    # Bytes one token takes before compression: every token-axis array's row.
+    row_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in m.token_arrays().values())
     on_disk, shard_bytes = reader.loc.du(), reader.loc.du(SHARDS_DIR)
     tokens = max(stats["tokens"], 1)
-    raw = stats["tokens"] * (hidden_bytes + TOKEN_ROW_BYTES)
+    raw = stats["tokens"] * row_bytes
     out = {
         "url": reader.loc.url, "schema_version": m.schema_version,
         "target": m.target.name_or_path, "model_type": m.target.model_type,
@@ -36,9 +33,10 @@ def summary(reader: CacheReader) -> dict:
         "bytes_on_disk": on_disk, "bytes_per_token": shard_bytes / tokens,
         "compression_ratio": raw / max(shard_bytes, 1),
     }
-    if reader.loc.exists(SUMMARY):
-        run = reader.loc.read_json(SUMMARY)
+    run = reader.summary()
+    if run is not None:
         out["skipped"] = run.get("skipped", {})
+        out["missing_shards"] = sorted(reader.missing_shards())
     return out
 
 
@@ -47,7 +45,7 @@ def load_tokenizer(reader: CacheReader):
 
     # Local directories only: inspection must never reach out to a hub.
     candidates = [reader.manifest.target.name_or_path]
-    if not reader.loc.is_url:
+    if not reader.loc.is_url and reader.check_tokenizer():
         candidates.insert(0, reader.loc.path(TOKENIZER_DIR))
     for source in candidates:
         if os.path.isdir(source):
@@ -109,7 +107,14 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="write length and supervised-fraction histograms to this PNG")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
+    try:
+        return inspect(args)
+    except CacheError as e:  # not a cache, a damaged one, or one this release cannot read: one line says which
+        print(f"inspect_cache: {e}", file=sys.stderr)
+        return 1
 
+
+def inspect(args) -> int:
     reader = CacheReader(args.cache)
     info = summary(reader)
     if args.verify:
