@@ -5,14 +5,8 @@ import torch
 
 from cache_schema import Sample
 from extract.regenerate import Sequence
+from extract.spans import loss_mask
 from extract.target import Target
-
-
-def loss_mask(length: int, spans: list[tuple[int, int]]) -> np.ndarray:
-    mask = np.zeros(length, dtype=bool)
-    for start, end in spans:
-        mask[start:end] = True
-    return mask
 
 
 @torch.no_grad()
@@ -27,7 +21,7 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> Sample:
     n_image = int(sum((ids == v).sum() for v in image_ids)) if image_ids else 0
     meta = {"source": seq.conv.source, "num_images": len(seq.conv.images), "num_image_tokens": n_image,
             "assistant_turns": len(seq.conv.assistant_turns), "truncated_turns": seq.truncated_turns,
-            "generated_tokens": seq.generated_tokens}
+            "dropped_turns": seq.dropped_turns, "generated_tokens": seq.generated_tokens}
     return Sample(key=seq.conv.key, input_ids=ids.cpu().numpy().astype(np.int32),
                   loss_mask=loss_mask(ids.shape[0], seq.spans),
                   position_ids=positions.cpu().numpy().astype(np.int32),

@@ -1,7 +1,11 @@
-"""Prompt rendering with the target's own chat template, and greedy regeneration of every assistant turn.
+"""Prompt rendering with the target's own chat template, greedy regeneration of every assistant turn, and the
+final token sequence of each conversation with its supervised spans.
 
 Turns are regenerated in order, each conditioned on the regenerated history; a batch of conversations is
-generated together with left padding (which changes no token: see tests/test_extract_model.py).
+generated together with left padding (which changes no token: see tests/test_extract_model.py). A sequence is
+the chat text up to where the model starts writing its last turn, encoded, followed by that turn's ids: the
+model's own when regenerated. Earlier turns are the template's rendering of their text (extract/spans.py finds
+them).
 """
 
 from dataclasses import dataclass, field
@@ -9,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from extract.formats import Conversation, SkipSample
+from extract.spans import END, HEADER, answer_char_spans, answer_token_spans
 from extract.target import SUPPRESSED_TOKENS, Target
 
 
@@ -19,9 +24,10 @@ class Sequence:
     conv: Conversation
     inputs: dict  # processor outputs for the whole sequence, batch of 1
     spans: list[tuple[int, int]]  # [start, end) of each supervised assistant span
-    truncated_turns: int = 0
+    truncated_turns: int = 0  # 1 when the last turn was cut at max_new_tokens
+    dropped_turns: int = 0  # assistant turns after a cut one, not in the sequence
     generated_tokens: int = 0
-    answers: list[list[int]] = field(default_factory=list)
+    answers: list[list[int]] = field(default_factory=list)  # regenerated ids per turn, the model's own
 
 
 def _content_for(target: Target, parts: list[dict]):
@@ -104,63 +110,120 @@ def header_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[i
     return spans
 
 
-def assistant_header(target: Target) -> list[int]:
-    return target.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+@dataclass
+class _Dialog:
+    """One conversation's regeneration so far."""
+
+    conv: Conversation
+    answers: list[list[int]] = field(default_factory=list)  # generated ids per turn
+    prompt: tuple[str, list] | None = None  # the latest turn's prompt text and its images
+    truncated: bool = False  # the latest turn hit max_new_tokens: the conversation ends with it
+    skip: SkipSample | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.skip is None and not self.truncated and len(self.answers) < len(self.conv.assistant_turns)
+
+
+def regenerate_turns(target: Target, dialogs: list[_Dialog], max_new_tokens: int, max_length: int,
+                     render_msgs) -> None:
+    """Generate the next turn of every open dialog, batched, until none is open."""
+    while active := [d for d in dialogs if d.open]:
+        for d in active:
+            msgs = _history(d.conv, d.conv.assistant_turns[len(d.answers)],
+                            [_answer_text(target, a) for a in d.answers])
+            d.prompt = (render_msgs(msgs, True), _images_in(msgs, d.conv))
+        batch = encode(target, [d.prompt[0] for d in active], [d.prompt[1] for d in active])
+        for d, n in zip(active, batch["attention_mask"].sum(-1).tolist()):
+            if n > max_length:
+                d.skip = SkipSample("too_long", f"prompt of {n} tokens > max_length {max_length}")
+        if any(d.skip for d in active):  # re-pad the batch without the skipped prompts
+            active = [d for d in active if d.skip is None]
+            if not active:
+                continue
+            batch = encode(target, [d.prompt[0] for d in active], [d.prompt[1] for d in active])
+        for d, ids, cut in zip(active, *generate(target, batch, max_new_tokens)):
+            d.answers.append(ids)
+            d.truncated = cut
+
+
+def prompt_suffix(render_msgs) -> str:
+    """What the generation prompt writes after the assistant header (e.g. "<think>\\n"): template text."""
+    probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    with_prompt, without = render_msgs(probe, True), render_msgs(probe, False)
+    if not with_prompt.startswith(without + HEADER):
+        raise ValueError(f"chat template: the generation prompt must open with {HEADER!r}; it adds "
+                         f"{with_prompt[len(without):]!r}")
+    return with_prompt[len(without) + len(HEADER):]
+
+
+def _assemble(target: Target, context: str, images: list, answer_ids: list[int], earlier_turns: int,
+              suffix: str, supervise_history: bool, max_length: int) -> tuple[dict, list] | SkipSample:
+    """`context` (the chat text up to where the model starts writing) encoded, then `answer_ids` appended; spans
+    of the earlier assistant turns found in `context` by characters, and of the appended answer."""
+    inputs = encode(target, [context], [images])
+    ids = inputs["input_ids"][0].tolist()
+    history = answer_token_spans(target.tokenizer, context, ids, suffix)
+    if len(history) != earlier_turns or any(a == b for a, b in history):
+        return SkipSample("unsupervised_turn", f"{earlier_turns} earlier assistant turns, "
+                          f"{sum(b > a for a, b in history)} found with a supervised token in the rendered prompt")
+    if len(ids) + len(answer_ids) > max_length:
+        return SkipSample("too_long", f"{len(ids) + len(answer_ids)} tokens > max_length {max_length}")
+    spans = (history if supervise_history else []) + [(len(ids), len(ids) + len(answer_ids))]
+    return _extend(inputs, answer_ids), spans
+
+
+def _regenerated(target: Target, d: _Dialog, suffix: str, supervise_history: bool,
+                 max_length: int) -> Sequence | SkipSample:
+    text, images = d.prompt
+    out = _assemble(target, text, images, d.answers[-1], len(d.answers) - 1, suffix, supervise_history,
+                    max_length)
+    if isinstance(out, SkipSample):
+        return out
+    dropped = len(d.conv.assistant_turns) - len(d.answers)
+    return Sequence(conv=d.conv, inputs=out[0], spans=out[1], truncated_turns=int(d.truncated),
+                    dropped_turns=dropped, generated_tokens=sum(map(len, d.answers)), answers=d.answers)
+
+
+def _kept(target: Target, conv: Conversation, render_msgs, suffix: str, supervise_history: bool,
+          max_length: int) -> Sequence | SkipSample:
+    """The dataset's own answers: the last one cut from the template's rendering of the whole conversation
+    (after its header and any think scaffolding) and encoded as the model would write it, by itself."""
+    messages = conv.messages[:conv.assistant_turns[-1] + 1]
+    text = render_msgs(messages, False)
+    chars = answer_char_spans(text, suffix)
+    if len(chars) != len(conv.assistant_turns):
+        return SkipSample("unsupervised_turn", f"{len(conv.assistant_turns)} assistant turns, {len(chars)} found "
+                          "in the rendered conversation")
+    start, end = chars[-1]
+    answer_ids = target.tokenizer.encode(text[start:end - len(END)], add_special_tokens=False)
+    answer_ids.append(target.special_tokens["im_end_id"])
+    out = _assemble(target, text[:start], _images_in(messages, conv), answer_ids, len(chars) - 1, suffix,
+                    supervise_history, max_length)
+    if isinstance(out, SkipSample):
+        return out
+    return Sequence(conv=conv, inputs=out[0], spans=out[1])
 
 
 def build_sequences(target: Target, convs: list[Conversation], regenerate: bool, max_new_tokens: int,
-                    max_length: int, system_prompt: str | None = None,
-                    enable_thinking: bool | None = None) -> list[Sequence | SkipSample]:
-    """Regenerate (or keep) every assistant turn; return one Sequence, or the SkipSample that stopped it."""
+                    max_length: int, system_prompt: str | None = None, enable_thinking: bool | None = None,
+                    supervise_history: bool = True) -> list[Sequence | SkipSample]:
+    """Regenerate (or keep) every assistant turn; return one Sequence, or the SkipSample that stopped it.
+
+    The last turn of each sequence is supervised as the model writes it after the generation prompt; a turn
+    cut at `max_new_tokens` ends its conversation (later turns are dropped and counted in the Sequence), so no
+    end-of-turn token the model did not write is ever appended. Earlier turns are supervised as the template
+    renders them, unless `supervise_history` is false.
+    """
     def render_msgs(messages, gen_prompt):
         return render(target, messages, gen_prompt, system_prompt, enable_thinking)
 
-    results: list[Sequence | SkipSample | None] = [None] * len(convs)
-    answers: list[list[list[int]]] = [[] for _ in convs]
-    truncated = [0] * len(convs)
-    prompts: list[tuple[str, list] | None] = [None] * len(convs)  # the latest turn's prompt text and images
-    if regenerate:
-        for t in range(max(len(c.assistant_turns) for c in convs)):
-            active = [i for i, c in enumerate(convs) if results[i] is None and t < len(c.assistant_turns)]
-            if not active:
-                break
-            for i in active:
-                history = [_answer_text(target, a) for a in answers[i]]
-                msgs = _history(convs[i], convs[i].assistant_turns[t], history)
-                prompts[i] = (render_msgs(msgs, True), _images_in(msgs, convs[i]))
-            batch = encode(target, [prompts[i][0] for i in active], [prompts[i][1] for i in active])
-            for i, n in zip(active, batch["attention_mask"].sum(-1).tolist()):
-                if n > max_length:
-                    results[i] = SkipSample("too_long", f"prompt of {n} tokens > max_length {max_length}")
-            if any(results[i] is not None for i in active):  # re-pad the batch without the skipped prompts
-                active = [i for i in active if results[i] is None]
-                if not active:
-                    continue
-                batch = encode(target, [prompts[i][0] for i in active], [prompts[i][1] for i in active])
-            for i, ids, cut in zip(active, *generate(target, batch, max_new_tokens)):
-                answers[i].append(ids)
-                truncated[i] += int(cut)
-
-    header, im_end = assistant_header(target), target.special_tokens["im_end_id"]
-    for i, conv in enumerate(convs):
-        if results[i] is not None:
-            continue
-        if regenerate:
-            inputs = encode(target, [prompts[i][0]], [prompts[i][1]])
-            prompt = inputs["input_ids"][0].tolist()
-            last = answers[i][-1]
-            spans = header_spans(prompt, header, im_end) + [(len(prompt), len(prompt) + len(last))]
-            inputs = _extend(inputs, last)
-        else:
-            inputs = encode(target, [render_msgs(conv.messages, False)], [conv.images])
-            spans = header_spans(inputs["input_ids"][0].tolist(), header, im_end)
-        length = inputs["input_ids"].shape[1]
-        if length > max_length:
-            results[i] = SkipSample("too_long", f"{length} tokens > max_length {max_length}")
-            continue
-        results[i] = Sequence(conv=conv, inputs=inputs, spans=spans, truncated_turns=truncated[i],
-                              generated_tokens=sum(map(len, answers[i])), answers=answers[i])
-    return results
+    suffix = prompt_suffix(render_msgs)
+    if not regenerate:
+        return [_kept(target, c, render_msgs, suffix, supervise_history, max_length) for c in convs]
+    dialogs = [_Dialog(c) for c in convs]
+    regenerate_turns(target, dialogs, max_new_tokens, max_length, render_msgs)
+    return [d.skip or _regenerated(target, d, suffix, supervise_history, max_length) for d in dialogs]
 
 
 def _extend(inputs: dict, new_ids: list[int]) -> dict:
