@@ -1,0 +1,222 @@
+"""Loss masks under each real Qwen chat-template family (tools/tiny_targets.py writes one per family): the
+supervised tokens are exactly what the model writes after the generation prompt, plus its end-of-turn token."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from extract.formats import Conversation, SkipSample, parse_sample
+from extract.regenerate import Sequence, _answer_text, build_sequences
+from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
+from extract.target import load_target
+from tools.tiny_targets import FAMILY_TEMPLATE, build_target
+
+# (family of the tiny model, chat template variant, enable_thinking). The qwen3_vl model ends its turns by
+# itself, so it carries the thinking templates too, to give regenerated history turns under each of them;
+# the qwen3_5 model never stops within the budget, which exercises the truncation path.
+CASES = [("qwen3_vl", "qwen3_vl", None), ("qwen3_vl", "qwen3_vl_thinking", None),
+         ("qwen3_vl", "qwen3_5", True), ("qwen3_vl", "qwen3_5", False),
+         ("qwen3_5", "qwen3_5", True), ("qwen3_5", "qwen3_5", False),
+         ("qwen3", "qwen3", True), ("qwen3", "qwen3", False)]
+
+
+def generation_prompt(template: str, thinking: bool | None) -> str:
+    """What each published template writes after `<|im_start|>assistant\\n` in its generation prompt."""
+    if template in ("qwen3", "qwen3_5") and thinking is False:
+        return EMPTY_THINK
+    return {"qwen3_vl": "", "qwen3": "", "qwen3_vl_thinking": "<think>\n", "qwen3_5": "<think>\n"}[template]
+
+
+def shown(template: str, text: str, last: bool) -> str:
+    """A reasoning-free answer as the template renders it: Qwen3.5 trims every message; the thinking templates
+    cut reasoning from earlier turns and leading newlines from the last answer."""
+    if template == "qwen3_5":
+        text = text.strip()
+    if template != "qwen3_vl" and "</think>" in text and not last:
+        text = text.split("</think>")[-1].lstrip("\n")
+    if template != "qwen3_vl" and last:
+        text = text.lstrip("\n")
+    return text
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+@pytest.fixture(scope="module")
+def convs(demo_shards):
+    records = list(wds.WebDataset([str(demo_shards[0])], shardshuffle=False, empty_check=False))
+    return [parse_sample(r, source="demo") for r in records]
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_targets, tmp_path_factory):
+    """Loaded tiny targets by (family, template); templates other than a family's own are built here."""
+    out, cache = tmp_path_factory.mktemp("template_targets"), {}
+
+    def get(family, template):
+        if (family, template) not in cache:
+            path = (tiny_targets / family if FAMILY_TEMPLATE[family] == template
+                    else build_target(family, out, template=template))
+            cache[family, template] = load_target(str(path), dtype="float32", device="cpu")
+        return cache[family, template]
+    return get
+
+
+def test_tiny_tokenizer_merges_whitespace_runs_like_the_real_vocabularies(targets):
+    tok = targets("qwen3_vl", "qwen3_vl").tokenizer
+    assert tok.tokenize("\n\n") == ["ĊĊ"]
+    # the merge that made a newline-led answer lose its header match: the header's "\n" joins the answer's
+    pieces = tok.tokenize(HEADER + "\nTwo cats.")
+    assert "ĊĊ" in pieces and "Ċ" not in pieces
+
+
+@pytest.mark.parametrize("regenerate", [False, True], ids=["dataset", "regenerate"])
+@pytest.mark.parametrize("family, template, thinking", CASES)
+def test_supervised_spans_are_exactly_what_the_model_writes(family, template, thinking, regenerate, targets, convs):
+    target = targets(family, template)
+    tok, im_end = target.tokenizer, target.special_tokens["im_end_id"]
+    seqs = build_sequences(target, convs, regenerate, max_new_tokens=24, max_length=4096, enable_thinking=thinking)
+    histories = 0
+    for conv, seq in zip(convs, seqs):
+        assert isinstance(seq, Sequence), (conv.key, seq)
+        ids = seq.inputs["input_ids"][0].tolist()
+        got = runs(loss_mask(len(ids), seq.spans))
+        answers = [m["content"][0]["text"] for m in conv.messages if m["role"] == "assistant"]
+        # no assistant turn of the sequence is left without supervision
+        assert len(got) == (len(seq.answers) if regenerate else len(answers)), conv.key
+        a, b = got[-1]
+        assert b == len(ids)
+        if regenerate:  # the model's own ids, and only them
+            assert ids[a:] == seq.answers[-1]
+            cut = seq.answers[-1][-1] not in target.eos_ids
+            assert seq.truncated_turns == int(cut)
+            assert seq.dropped_turns == len(answers) - len(seq.answers) and (cut or not seq.dropped_turns)
+            history = [_answer_text(target, x) for x in seq.answers[:-1]]
+            assert tok.decode(ids[:a]).endswith(HEADER + generation_prompt(template, thinking))
+        else:  # the answer as the template shows it, encoded by itself as the model would write it
+            answer = shown(template, answers[-1], last=True)
+            assert ids[a:] == tok.encode(answer, add_special_tokens=False) + [im_end]
+            assert tok.decode(ids[a:]) == answer + END
+            # think scaffolding the template puts before a reasoning-free answer is context, never a label
+            assert tok.decode(ids[:a]).endswith(HEADER + ("" if template == "qwen3_vl" else EMPTY_THINK))
+            history = answers[:-1]
+        # earlier turns: the template's rendering of their text and <|im_end|>; only whitespace that merged
+        # into the header's last token is left out
+        for (a, b), text in zip(got[:-1], history):
+            full, span = shown(template, text, last=False) + END, tok.decode(ids[a:b])
+            assert full.endswith(span) and full[:len(full) - len(span)].strip() == "", (conv.key, full, span)
+            assert ids[b - 1] == im_end
+            histories += 1
+    if regenerate and family == "qwen3_5":
+        assert all(s.truncated_turns for s in seqs)  # this model never stops: every sequence ends with a cut turn
+    else:
+        assert histories > 0
+
+
+@pytest.fixture(scope="module")
+def reasoning_convs():
+    """A newline-led last answer after a history turn with reasoning; and a last answer with reasoning."""
+    def conv(key, last):
+        texts = ["What is here?", "<think>\nlooking\n</think>\n\nTwo cats.", "And now?", last]
+        return Conversation(key=key, source="t", messages=[
+            {"role": r, "content": [{"type": "text", "text": t}]} for r, t in zip(["user", "assistant"] * 2, texts)])
+    return [conv("newline", "\nA dog.\n\nIt runs."), conv("reasoning", "<think>\nhmm\n</think>\n\nA dog.")]
+
+
+# Supervised text of each assistant turn of `reasoning_convs` in dataset mode, and the text just before the
+# last one. Thinking templates drop a history turn's reasoning; a last answer's reasoning is the model's writing,
+# less the "<think>\n" a generation prompt already wrote.
+EXPECTED = {
+    ("qwen3_vl", None): [["<think>\nlooking\n</think>\n\nTwo cats.", "\nA dog.\n\nIt runs."], [HEADER],
+                         ["<think>\nlooking\n</think>\n\nTwo cats.", "<think>\nhmm\n</think>\n\nA dog."], [HEADER]],
+    ("qwen3", True): [["Two cats.", "A dog.\n\nIt runs."], [EMPTY_THINK],
+                      ["Two cats.", "<think>\nhmm\n</think>\n\nA dog."], [HEADER]],
+    ("qwen3", False): [["Two cats.", "A dog.\n\nIt runs."], [EMPTY_THINK],
+                       ["Two cats.", "<think>\nhmm\n</think>\n\nA dog."], [HEADER]],
+    ("qwen3_vl_thinking", None): [["Two cats.", "A dog.\n\nIt runs."], [EMPTY_THINK],
+                                  ["Two cats.", "hmm\n</think>\n\nA dog."], [HEADER + "<think>\n"]],
+    ("qwen3_5", True): [["Two cats.", "A dog.\n\nIt runs."], [EMPTY_THINK],
+                        ["Two cats.", "hmm\n</think>\n\nA dog."], [HEADER + "<think>\n"]],
+    ("qwen3_5", False): [["Two cats.", "A dog.\n\nIt runs."], [EMPTY_THINK],
+                         ["Two cats.", "<think>\nhmm\n</think>\n\nA dog."], [HEADER]],
+}
+
+
+@pytest.mark.parametrize("template, thinking", list(EXPECTED))
+def test_dataset_answers_with_reasoning_and_leading_newlines(template, thinking, targets, reasoning_convs):
+    family = "qwen3" if template == "qwen3" else "qwen3_vl"
+    target = targets(family, template)
+    tok = target.tokenizer
+    seqs = build_sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8, max_length=4096,
+                           enable_thinking=thinking)
+    exp = EXPECTED[template, thinking]
+    for seq, (answers, (before,)) in zip(seqs, [exp[:2], exp[2:]]):
+        ids = seq.inputs["input_ids"][0].tolist()
+        assert [tok.decode(ids[a:b]) for a, b in seq.spans] == [t + END for t in answers]
+        assert tok.decode(ids[:seq.spans[-1][0]]).endswith(before)
+    # the newline-led last answer is its own tokens: "\n" is not merged into the header's "\n"
+    ids = seqs[0].inputs["input_ids"][0].tolist()
+    if template == "qwen3_vl":
+        assert tok.convert_ids_to_tokens(ids[seqs[0].spans[-1][0]]) == "Ċ"
+    # without history supervision only the last answer is a label
+    only_last = build_sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8, max_length=4096,
+                                enable_thinking=thinking, supervise_history=False)
+    assert [s.spans for s in only_last] == [s.spans[-1:] for s in seqs]
+
+
+def test_history_turn_led_by_a_newline_keeps_its_supervision(targets, reasoning_convs):
+    """As a history turn, a newline-led answer shares its first token with the header: the rest is supervised."""
+    target = targets("qwen3_vl", "qwen3_vl")
+    conv = reasoning_convs[0]
+    msgs = conv.messages + [{"role": "user", "content": [{"type": "text", "text": "More?"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "No."}]}]
+    seq = build_sequences(target, [dataclasses.replace(conv, messages=msgs)], regenerate=False, max_new_tokens=8,
+                          max_length=4096)[0]
+    ids = seq.inputs["input_ids"][0].tolist()
+    a, b = seq.spans[1]
+    assert target.tokenizer.decode(ids[a:b]) == "A dog.\n\nIt runs." + END
+    assert target.tokenizer.convert_ids_to_tokens(ids[a - 1]) == "ĊĊ"  # header "\n" + the answer's "\n"
+
+
+def test_a_turn_cut_at_max_new_tokens_ends_the_sequence_with_the_models_own_ids(targets, convs):
+    target = targets("qwen3_vl", "qwen3_vl")
+    seqs = build_sequences(target, convs, regenerate=True, max_new_tokens=3, max_length=4096)
+    multi = [s for s in seqs if len(s.conv.assistant_turns) == 3]
+    assert multi
+    for seq in seqs:
+        ids = seq.inputs["input_ids"][0].tolist()
+        last = seq.answers[-1]
+        assert len(last) == 3 and last[-1] not in target.eos_ids  # cut: no end-of-turn the model did not write
+        assert seq.truncated_turns == 1 and len(seq.answers) == 1
+        assert seq.dropped_turns == len(seq.conv.assistant_turns) - 1
+        assert seq.spans == [(len(ids) - 3, len(ids))] and ids[-3:] == last
+
+
+BROKEN = """{%- for m in messages -%}{%- if m.role != 'assistant' -%}
+{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"""
+
+
+@pytest.mark.parametrize("regenerate", [False, True], ids=["dataset", "regenerate"])
+def test_assistant_turn_missing_from_the_rendering_is_a_counted_skip(regenerate, targets, reasoning_convs):
+    target = dataclasses.replace(targets("qwen3", "qwen3"))
+    target.processor = target.tokenizer = target.tokenizer.__class__.from_pretrained(target.name_or_path)
+    target.tokenizer.chat_template = BROKEN  # drops every assistant turn
+    results = build_sequences(target, reasoning_convs, regenerate, max_new_tokens=30, max_length=4096)
+    for r in results:
+        assert isinstance(r, SkipSample) and r.reason == "unsupervised_turn", r
+
+
+def test_char_spans_map_to_the_tokens_wholly_inside_them(targets):
+    tok = targets("qwen3_vl", "qwen3_vl").tokenizer
+    text = ("<|im_start|>user\nHi<|im_end|>\n" + HEADER + "\nA cat.<|im_end|>\n" + HEADER + EMPTY_THINK
+            + "Dog é.<|im_end|>\n" + HEADER + "<think>\n")
+    chars = answer_char_spans(text, prompt_suffix="<think>\n")
+    assert [text[a:b] for a, b in chars] == ["\nA cat." + END, "Dog é." + END]  # the open prompt is no answer
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    naive = [[i for i, (s, e) in enumerate(offsets) if a <= s and e <= b] for a, b in chars]
+    assert [list(range(a, b)) for a, b in chars_to_tokens(offsets, chars)] == naive
