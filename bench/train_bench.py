@@ -29,6 +29,26 @@ QWEN3VL30B = dict(hidden_size=2048, num_layers=5, num_attention_heads=32, num_ke
                   intermediate_size=6144, rope_theta=5e6)
 
 
+# Dense bf16 tensor-core peak (no sparsity) of the GPUs we measure on, for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def step_flops(cfg: DrafterConfig, seq: int, anchors: int, scored_rows: int, vocab: int, layers_in: int) -> float:
+    """Matmul FLOPs of one training step, 2 per multiply-add. Backward costs twice the forward for trainable
+    matmuls; the frozen head's backward only needs the input gradient (once the forward). Each block query sees
+    on average half the context (anchors are spread uniformly) plus its own block."""
+    H, h, kv, d, inter = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.intermediate_size)
+    q = anchors * cfg.block_size
+    fuse = 2 * seq * layers_in * H * H
+    per_layer = (2 * seq * H * 2 * kv * d  # context keys and values
+                 + 2 * q * H * (h * d + 2 * kv * d) + 2 * q * h * d * H  # block q, k, v, o
+                 + 2 * q * 3 * H * inter  # MLP
+                 + 2 * 2 * q * h * d * (seq / 2 + cfg.block_size))  # scores and values
+    head = 2 * scored_rows * H * vocab
+    return 3 * (fuse + cfg.num_layers * per_layer) + 2 * head
+
+
 def one_config(spec: dict) -> dict:
     """Build a drafter and a synthetic batch, run warm-up + timed steps, return time and peak memory."""
     device = spec["device"]
@@ -77,7 +97,10 @@ def one_config(spec: dict) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / n
-    out = {"step_s": dt, "tokens_per_s": T / dt}
+    scored = int((objective.blocks(batch, 0).weights_BQ > 0).sum())
+    out = {"step_s": dt, "tokens_per_s": T / dt,
+           "tflops": step_flops(cfg, T, spec["anchors"], scored, V if draft_ids is None else draft_ids.numel(),
+                                layers) / dt / 1e12}
     if device == "cuda":
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -152,8 +175,10 @@ def main() -> None:
                  {**base, "seq": 2048, "anchors": 256, "block": 16, "vocab": 32768, "chunk_rows": 2048,
                   "draft_vocab": 8192}]
     print(f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if args.gpu else 'CPU'}")
-    print("| shape | attention | seq | anchors | block | vocab | draft vocab | loss chunk | step ms | tok/s | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if args.gpu and k in torch.cuda.get_device_name()), None)
+    print("| shape | attention | seq | anchors | block | vocab | draft vocab | loss chunk | step ms | tok/s | peak GB | "
+          "TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for spec in grid:
         r = run_child(spec)
@@ -161,9 +186,10 @@ def main() -> None:
         if "error" in r:
             print(f"| {spec} | {r['error']} |")
             continue
+        mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "-"
         print(f"| {spec['shape']} | {spec['attention']} | {spec['seq']} | {spec['anchors']} | {spec['block']} | "
               f"{spec['vocab']} | {spec.get('draft_vocab') or 'full'} | {spec['chunk_rows'] or 'none'} | {1000 * r['step_s']:.0f} | "
-              f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} |", flush=True)
+              f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} | {r['tflops']:.3f} | {mfu} |", flush=True)
     # The loader is measured at the hidden size of the first configuration and compared with its step.
     first = results[0]
     hidden = (QWEN3VL30B if grid[0]["shape"] == "qwen3vl30b" else SMALL)["hidden_size"]

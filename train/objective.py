@@ -125,8 +125,9 @@ def _chunk_terms(h_RH, head_VH, labels_R, weights_R):
 
 
 def chunked_loss(h_BQH, head_VH, labels_BQ, weights_BQ, chunk_rows: int):
-    """sum(w * CE) over loss rows only, `chunk_rows` rows of logits at a time (recomputed in backward), so peak
-    memory does not grow with anchors x block x vocab. Returns (weighted loss sum, correct_BQ)."""
+    """sum(w * CE) over loss rows only, `chunk_rows` rows of logits at a time (recomputed in backward when there
+    is more than one chunk), so peak memory does not grow with anchors x block x vocab. Returns (weighted loss
+    sum, correct_BQ)."""
     rows = weights_BQ.flatten().nonzero().squeeze(1)
     h = h_BQH.flatten(0, 1)[rows]
     y, w = labels_BQ.flatten()[rows], weights_BQ.flatten()[rows]
@@ -134,9 +135,11 @@ def chunked_loss(h_BQH, head_VH, labels_BQ, weights_BQ, chunk_rows: int):
         head_VH = head_VH.to(h.dtype)  # once per call, not per chunk (under autocast the matmul casts itself)
     total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
     hits = torch.zeros_like(y, dtype=torch.bool)
+    # One chunk holds every row's logits anyway: recomputing them in backward would only cost time.
+    recompute = torch.is_grad_enabled() and rows.numel() > chunk_rows
     for s in range(0, rows.numel(), chunk_rows):
         part = slice(s, s + chunk_rows)
-        if torch.is_grad_enabled():
+        if recompute:
             loss_sum, hit = checkpoint(_chunk_terms, h[part], head_VH, y[part], w[part], use_reentrant=False)
         else:
             loss_sum, hit = _chunk_terms(h[part], head_VH, y[part], w[part])
