@@ -1,0 +1,238 @@
+"""Reference speculative decoding: a drafter checkpoint with its Hugging Face target, checked against the
+target's own greedy `generate`, on the prompts extraction would see.
+
+    python -m tools.spec_decode --target PATH --drafter CKPT (--shards SPEC | --prompts FILE.json)
+        [--vp CKPT --k 4] [--max-new-tokens N] [--max-prompts N] [--out DIR] [--dtype float32] [--device cpu]
+
+A prompt is a conversation up to its last assistant turn, rendered as extraction renders that turn's prompt:
+the target's chat template with the cache's system prompt and thinking switch, images included, earlier
+assistant turns regenerated greedily first. `--prompts` takes a JSON list of samples in the shards' formats
+(`messages` or LLaVA `conversations`), image files listed under `images` relative to the JSON file; a sample
+may end with a user turn. Prompts run one at a time (no batching). Prints a table and writes spec_decode.json.
+"""
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract.formats import Conversation, SkipSample, parse_sample
+from extract.regenerate import _answer_text, _Dialog, _history, _images_in, encode, generate, regenerate_turns, render
+from extract.sources import conversations, expand_shards
+from extract.target import Target, config_fingerprint, load_target
+from tools.speculate import Speculator
+from train.checkpoint import load_drafter
+from train.replay import Drafting
+
+log = logging.getLogger("spec_decode")
+
+
+def shard_conversations(spec: str, fmt: str = "auto"):
+    skips = Counter()
+    for url in expand_shards(spec):
+        yield from conversations(url, fmt, skips, lambda key, skip: log.warning("skipped %s: %s", key, skip))
+
+
+def file_conversations(path: Path):
+    """Samples of a JSON prompts file, parsed by the shards' own parser (images read from their files)."""
+    items = json.loads(Path(path).read_text())
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: sample {i} is not an object")
+        item = dict(item)
+        turns = "messages" if "messages" in item else "conversations"
+        if isinstance(item.get(turns), list) and item[turns]:
+            last = item[turns][-1]
+            if last.get("role", last.get("from")) in ("user", "human"):  # a bare prompt: the answer is to come
+                item[turns] = [*item[turns], {"role": "assistant", "content": ""} if turns == "messages"
+                               else {"from": "gpt", "value": ""}]
+        names = item.get("images", [])
+        names = [names] if isinstance(names, str) else names
+        record = {"__key__": str(item.get("key", i)), "json": json.dumps(item).encode()}
+        for name in names:
+            file = Path(path).parent / name
+            if not file.exists():
+                raise ValueError(f"{path}: sample {i} lists image {name}, but {file} does not exist")
+            record[name] = file.read_bytes()
+        try:
+            yield parse_sample(record, source=str(path))
+        except SkipSample as skip:
+            raise ValueError(f"{path}: sample {i}: {skip}") from skip
+
+
+def last_prompt(target: Target, conv: Conversation, gen: dict) -> tuple[str, list] | SkipSample:
+    """The last assistant turn's prompt text and images, earlier assistant turns regenerated as extraction
+    regenerates them (the same functions)."""
+    def render_msgs(messages, gen_prompt):
+        return render(target, messages, gen_prompt, gen.get("system_prompt"), gen.get("enable_thinking"))
+
+    last = conv.assistant_turns[-1]
+    dialog = _Dialog(Conversation(conv.key, conv.source, conv.messages[:last], conv.images))
+    regenerate_turns(target, [dialog], gen["max_new_tokens"], gen["max_length"], render_msgs)
+    if dialog.skip:
+        return dialog.skip
+    if dialog.truncated:
+        return SkipSample("history_truncated", "an earlier turn hit max_new_tokens: extraction ends the "
+                          "conversation there")
+    msgs = _history(conv, last, [_answer_text(target, a) for a in dialog.answers])
+    return render_msgs(msgs, True), _images_in(msgs, conv)
+
+
+def check_target(target: Target, manifest: dict, where: str) -> None:
+    want = manifest["target"]
+    have = {"model_type": target.family, "fingerprint": config_fingerprint(target.model.config)}
+    bad = {k: (want.get(k), v) for k, v in have.items() if want.get(k) != v}
+    if bad:
+        raise ValueError(f"{where} was trained on a cache of another target: " + ", ".join(
+            f"{k} {a!r} in its cache, {b!r} loaded" for k, (a, b) in bad.items()))
+
+
+def build(target: Target, drafter: Path, vp: Path | None, k: int, device) -> Speculator:
+    head = target.head_tensors()
+    ckpts = []
+    for path in [drafter] + ([vp] if vp else []):
+        ckpt = load_drafter(path, head["embed_tokens"], head["lm_head"])
+        check_target(target, ckpt.manifest, str(path))
+        ckpt.model.to(device)
+        ckpts.append(ckpt)
+    d = ckpts[0].drafter
+    if vp and ckpts[1].drafter.position_source != d.position_source:
+        raise ValueError(f"--vp {vp}: position_source {ckpts[1].drafter.position_source!r} but the DFlash drafter "
+                         f"uses {d.position_source!r}")
+    drafting = [Drafting.from_checkpoint(c) for c in ckpts]
+    return Speculator(target, drafting[0], list(d.target_layer_ids), d.position_source,
+                      ckpts[0].manifest["storage"]["hidden_dtype"], vp=drafting[1] if vp else None, k=k)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
+        vp: Path | None = None, k: int = 4, max_new_tokens: int | None = None, max_prompts: int | None = None,
+        out: Path | None = None, dtype: str | None = None, device: str | None = None, progress: bool = True) -> dict:
+    if (shards is None) == (prompts is None):
+        raise ValueError("give exactly one of --shards and --prompts")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest_file = Path(drafter) / "cache_manifest.json"
+    if not manifest_file.exists():
+        raise ValueError(f"--drafter {drafter} is not a drafter checkpoint (no cache_manifest.json)")
+    gen = dict(json.loads(manifest_file.read_text()).get("generation") or {})
+    target = load_target(target_path, dtype=dtype or gen.get("target_dtype", "bfloat16"), device=device)
+    spec = build(target, Path(drafter), Path(vp) if vp else None, k, device)
+    gen.setdefault("max_length", 4096)
+    if max_new_tokens is not None:
+        gen["max_new_tokens"] = max_new_tokens
+    if gen.get("max_new_tokens", 0) < 1:
+        raise ValueError(f"--max-new-tokens={gen.get('max_new_tokens')} must be >= 1")
+    convs = shard_conversations(shards) if shards else file_conversations(prompts)
+    rows, skipped = [], Counter()
+    bar = tqdm(total=max_prompts, unit="prompt", desc="spec_decode", disable=not progress)
+    for conv in convs:
+        if max_prompts is not None and len(rows) >= max_prompts:
+            break
+        prompt = last_prompt(target, conv, gen)
+        if isinstance(prompt, SkipSample):
+            skipped[prompt.reason] += 1
+            log.warning("skipped %s: %s", conv.key, prompt)
+            continue
+        batch = encode(target, [prompt[0]], [prompt[1]])
+        _sync(device)
+        t0 = time.perf_counter()
+        (reference,), _ = generate(target, batch, gen["max_new_tokens"])
+        _sync(device)
+        ref_seconds = time.perf_counter() - t0
+        result = spec.decode(batch, gen["max_new_tokens"])
+        rows.append({"key": conv.key, "images": len(conv.images), "prompt_tokens": batch["input_ids"].shape[1],
+                     "generated": len(result.tokens), "lossless": result.tokens == reference,
+                     "cycles": len(result.accepted), "accepted": result.accepted, "committed": result.committed,
+                     "target_forwards": result.forwards, "spec_seconds": result.seconds,
+                     "generate_seconds": ref_seconds,
+                     **({} if result.tokens == reference else {"tokens": result.tokens, "reference": reference})})
+        bar.update(1)
+    bar.close()
+    report = summarise(rows, spec.dflash.block)
+    report.update({"target": target_path, "drafter": str(drafter), "vp": str(vp) if vp else None,
+                   "k": k if vp else None, "batch": "one prompt at a time",
+                   "d2sd_verification": "branches one after another" if vp else None,
+                   "max_new_tokens": gen["max_new_tokens"], "skipped": dict(skipped), "prompts": rows})
+    print(table(report))
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "spec_decode.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summarise(rows: list[dict], block: int) -> dict:
+    """Pooled figures: tau = committed tokens / cycles, P(slot k accepted), histogram of a, tokens/s."""
+    a = np.array([x for r in rows for x in r["accepted"]], dtype=np.int64)
+    committed = sum(sum(r["committed"]) for r in rows)
+    tokens = sum(r["generated"] for r in rows)
+    spec_s, ref_s = sum(r["spec_seconds"] for r in rows), sum(r["generate_seconds"] for r in rows)
+    groups = {"all": rows, "images": [r for r in rows if r["images"]],
+              "text_only": [r for r in rows if not r["images"]]}
+    return {"lossless": all(r["lossless"] for r in rows), "samples": len(rows),
+            "lossless_samples": sum(r["lossless"] for r in rows), "cycles": int(a.size), "committed": committed,
+            "tau": committed / a.size if a.size else math.nan,
+            "tau_by_group": {g: (sum(sum(r["committed"]) for r in rs) / n if (n := sum(r["cycles"] for r in rs))
+                                 else math.nan) for g, rs in groups.items()},
+            "accept_per_slot": [float((a >= s).mean()) if a.size else math.nan for s in range(1, block)],
+            "accepted_hist": np.bincount(a, minlength=block).tolist(),
+            "target_forwards_per_cycle": sum(r["target_forwards"] for r in rows) / a.size if a.size else math.nan,
+            "generated_tokens": tokens, "spec_tokens_per_s": tokens / spec_s if spec_s else math.nan,
+            "generate_tokens_per_s": tokens / ref_s if ref_s else math.nan}
+
+
+def table(report: dict) -> str:
+    lines = [f"speculative decoding of {report['samples']} prompts (one at a time), block "
+             f"{len(report['accept_per_slot']) + 1}" + (f", D2SD k={report['k']}" if report["vp"] else ""),
+             f"  lossless            {'yes' if report['lossless'] else 'NO'} "
+             f"({report['lossless_samples']}/{report['samples']} identical to generate)",
+             f"  tau                 {report['tau']:.3f}  (" + ", ".join(
+                 f"{g} {t:.3f}" for g, t in report["tau_by_group"].items() if not math.isnan(t)) + ")",
+             f"  cycles              {report['cycles']}  (target forwards per cycle "
+             f"{report['target_forwards_per_cycle']:.2f})",
+             "  accepted per slot   " + " ".join(f"{p:.2f}" for p in report["accept_per_slot"]),
+             "  histogram of a      " + " ".join(map(str, report["accepted_hist"])),
+             f"  tokens/s            speculative {report['spec_tokens_per_s']:.1f}, generate "
+             f"{report['generate_tokens_per_s']:.1f}"]
+    if report["skipped"]:
+        lines.append("  skipped             " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="the target model directory or hub id")
+    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
+    src.add_argument("--prompts", type=Path, help="a JSON list of samples")
+    p.add_argument("--vp", type=Path, help="a VP drafter checkpoint: D2SD branching")
+    p.add_argument("--k", type=int, default=4, help="D2SD branches per cycle")
+    p.add_argument("--max-new-tokens", type=int, help="default: the cache's generation.max_new_tokens")
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--out", type=Path, help="write spec_decode.json here")
+    p.add_argument("--dtype", help="the target's dtype (default: the one extraction used)")
+    p.add_argument("--device")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = run(args.target, args.drafter, args.shards, args.prompts, args.vp, args.k, args.max_new_tokens,
+                 args.max_prompts, args.out, args.dtype, args.device)
+    if not report["lossless"]:
+        raise SystemExit("speculative decoding differs from generate on "
+                         f"{report['samples'] - report['lossless_samples']} prompts (see spec_decode.json)")
+
+
+if __name__ == "__main__":
+    main()

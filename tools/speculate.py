@@ -1,0 +1,198 @@
+"""Greedy speculative decoding with a Hugging Face target and a DFlash drafter, one prompt at a time.
+
+After the target's prefill writes the first answer token, each cycle drafts the block [last token, MASK x (B-1)]
+at the drafter's positions (its recorded position source, as in training) over the drafter's own cache of the
+fused context, verifies it with one target forward, accepts a = the leading draft tokens equal to the target's
+greedy tokens, and commits them plus the target's own next token, never past the end-of-turn token or
+`max_new_tokens`. The drafter's context grows by the verified positions' hidden states rounded as the cache
+stores them (bf16 words, or fp8 codes with their scales). Every committed token is the target's greedy choice,
+so the output equals `generate(do_sample=False)` up to ties that a block forward breaks differently from a
+one-token forward.
+
+D2SD (a VP drafter beside): branches from the first draft's k likeliest first-rejection points keep its tokens
+before the point and take the VP drafter's from there; branches are verified one after another, and a branch
+that the first draft's verification already refutes (it differs from the target's tokens before the first
+draft's rejection, or it is rejected where the first draft is) is not sent to the target. The longest match is
+committed; each cycle counts once, however many forwards it took.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from cache_schema.codecs import CODECS
+from extract.target import SUPPRESSED_TOKENS, Target
+from train.model import ContextCache
+from train.replay import Drafting, branch_points
+
+# Families whose every layer keeps a key/value cache that can be cut back after a rejection. Qwen3.5's linear
+# attention layers keep a recurrent state that cannot be rewound, so they are refused instead of re-prefilled.
+SUPPORTED = ("qwen3_vl", "qwen3_vl_moe", "qwen3")
+
+
+def _cut(kv: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of the target's cache (crop takes the count to remove, negated)."""
+    extra = kv.get_seq_length() - length
+    assert extra >= 0, (kv.get_seq_length(), length)
+    if extra:
+        kv.crop(-extra)
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # generated ids, the first from the prefill
+    accepted: list[int] = field(default_factory=list)  # a per cycle
+    committed: list[int] = field(default_factory=list)  # tokens committed per cycle
+    forwards: int = 0  # target forwards after the prefill
+    seconds: float = 0.0
+
+
+@dataclass
+class Speculator:
+    target: Target
+    dflash: Drafting
+    layer_ids: list[int]
+    position_source: str  # sequential | mrope_axis0
+    hidden_dtype: str  # the cache's storage: bf16 | fp8_e4m3
+    vp: Drafting | None = None
+    k: int = 4
+
+    def __post_init__(self):
+        if self.target.family not in SUPPORTED:
+            raise ValueError(f"speculative decoding supports {SUPPORTED}; {self.target.family!r} has layers whose "
+                             "recurrent state cannot be cut back after a rejected draft")
+        if self.hidden_dtype not in CODECS:
+            raise ValueError(f"cache storage.hidden_dtype={self.hidden_dtype!r}; known: {sorted(CODECS)}")
+        if self.vp is not None and self.vp.block != self.dflash.block:
+            raise ValueError(f"D2SD needs equal block sizes: the VP drafter has {self.vp.block}, DFlash "
+                             f"{self.dflash.block}")
+        if self.k < 1:
+            raise ValueError(f"k={self.k} must be >= 1")
+        self.codec = CODECS[self.hidden_dtype]
+        self.suppress = [t for t in (self.target.token_id(s) for s in SUPPRESSED_TOKENS) if t is not None]
+        self.device = self.dflash.head_VH.device
+
+    # --- the target
+
+    def _forward(self, inputs: dict, cache: DynamicCache | None, keep: int = 0):
+        """Greedy next tokens after each input position (the last `keep`, or all) and the captured hidden states,
+        rounded as the cache stores them, [1, n, L, H] on the drafter's device; the target's cache grows."""
+        with self.target.capture(self.layer_ids) as captured:
+            out = self.target.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        logits = out.logits[0].float()
+        if self.suppress:
+            logits[:, self.suppress] = float("-inf")
+        hidden_TLH = torch.stack([captured[i][0] for i in self.layer_ids], dim=1)
+        rounded = self.codec.decode(*self.codec.encode(hidden_TLH))
+        return logits.argmax(-1).cpu(), rounded[None].to(self.device), out.past_key_values
+
+    def _step_inputs(self, ids: list[int], start: int, delta: int) -> dict:
+        """Tokens at sequence positions start.. with the position ids `generate` would give them: text positions,
+        and for M-RoPE targets the same shifted by the prompt's rope delta on every axis."""
+        dev = self.target.device
+        pos = torch.arange(start, start + len(ids), device=dev)[None]
+        if self.target.is_vision:
+            pos = torch.cat([pos[None], (pos + delta)[None].expand(3, -1, -1)])
+        return {"input_ids": torch.tensor([ids], device=dev), "position_ids": pos}
+
+    # --- the drafter
+
+    def _drafter_positions(self, start: int, n: int, axis0_P: torch.Tensor, delta: int) -> torch.Tensor:
+        t = torch.arange(start, start + n)
+        if self.position_source == "sequential":
+            return t[None].to(self.device)
+        prompt = axis0_P[t.clamp_max(axis0_P.numel() - 1)]
+        return torch.where(t < axis0_P.numel(), prompt, t + delta)[None].to(self.device)
+
+    def _draft(self, drafting: Drafting, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor):
+        """Greedy target ids [R, B-1] of slots 1..B-1 and their softmax confidences."""
+        h = drafting.model.draft(cache, ids_RB.to(self.device), pos_B.expand(ids_RB.shape[0], -1))
+        logits = (h[:, 1:] @ drafting.head_VH.T).to(drafting.head_VH.dtype)
+        best = logits.max(-1)
+        conf = torch.exp(best.values - torch.logsumexp(logits, -1))
+        tokens = best.indices if drafting.draft_ids is None else drafting.draft_ids[best.indices]
+        return tokens.cpu(), conf.cpu()
+
+    def _branches(self, vp_cache: ContextCache, last: int, first: torch.Tensor, conf: torch.Tensor,
+                  pos_B: torch.Tensor) -> list[torch.Tensor]:
+        """The VP drafter's branches [B-1] from the first draft's k likeliest first-rejection slots."""
+        B = self.dflash.block
+        points = branch_points(conf[None], min(self.k, B - 1))[0]
+        slot = torch.arange(B)
+        ids = torch.full((points.numel(), B), self.vp.mask_id, dtype=torch.long)
+        ids[:, 0] = last
+        visible = (slot[None, 1:] < points[:, None])
+        ids[:, 1:] = torch.where(visible, first[None], ids[:, 1:])
+        vp_tokens, _ = self._draft(self.vp, vp_cache, ids, pos_B)
+        return list(torch.where(visible, first[None], vp_tokens))
+
+    # --- the loop
+
+    @torch.no_grad()
+    def decode(self, batch: dict, max_new_tokens: int) -> Decoded:
+        """Speculative greedy continuation of one encoded prompt (processor outputs, batch of 1)."""
+        if batch["input_ids"].shape[0] != 1:
+            raise ValueError("speculative decoding runs one prompt at a time; got a batch of "
+                             f"{batch['input_ids'].shape[0]}")
+        start = time.perf_counter()
+        eos = set(self.target.eos_ids)
+        batch = {k: v.to(self.target.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        P = batch["input_ids"].shape[1]
+        pos3 = self.target.position_ids(batch)[:, 0]  # [3, P]
+        delta = int(pos3.max()) + 1 - P  # M-RoPE positions of later text tokens: index + delta
+        axis0 = pos3[0].cpu()
+        greedy, hidden, kv = self._forward(batch, None, keep=1)
+        out = Decoded(tokens=[int(greedy[-1])])
+        caches = [ContextCache(len(d.model.layers)) for d in (self.dflash, self.vp) if d is not None]
+        new_hidden, new_at = hidden, 0  # verified positions not yet in the drafters' caches, and where they start
+        B = self.dflash.block
+        while out.tokens[-1] not in eos and len(out.tokens) < max_new_tokens:
+            n = P + len(out.tokens)  # sequence length; the last token's hidden state does not exist yet
+            ctx_pos = self._drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
+            for drafting, cache in zip((self.dflash, self.vp), caches):
+                drafting.model.extend_context(cache, new_hidden, ctx_pos)
+            last = out.tokens[-1]
+            pos_B = self._drafter_positions(n - 1, B, axis0, delta)
+            block = torch.full((1, B), self.dflash.mask_id, dtype=torch.long)
+            block[0, 0] = last
+            first, conf = self._draft(self.dflash, caches[0], block, pos_B)
+            candidates = [first[0]]
+            if self.vp is not None:
+                candidates += self._branches(caches[1], last, first[0], conf[0], pos_B)
+            best = None  # (a, draft, greedy, hidden)
+            verified = None  # the candidate whose block is in the target's cache
+            for draft in candidates:
+                if best is not None and not self._may_beat(draft, best):
+                    continue
+                if verified is not None:
+                    _cut(kv, n - 1)
+                greedy, hidden, _ = self._forward(self._step_inputs([last, *draft.tolist()], n - 1, delta), kv)
+                out.forwards += 1
+                verified = draft
+                a = int(torch.cumprod((draft == greedy[:-1]).long(), 0).sum())
+                if best is None or a > best[0]:
+                    best = (a, draft, greedy, hidden)
+            a, draft, greedy, hidden = best
+            commit = [*draft[:a].tolist(), int(greedy[a])]
+            if verified is not draft:  # the winner's block was overwritten by a later branch: write it again
+                _cut(kv, n - 1)
+                self._forward(self._step_inputs([last, *draft[:a].tolist()], n - 1, delta), kv)
+                out.forwards += 1
+            _cut(kv, n + a)
+            stop = next((i + 1 for i, t in enumerate(commit) if t in eos), len(commit))
+            commit = commit[:min(stop, max_new_tokens - len(out.tokens))]
+            out.accepted.append(min(a, len(commit)))
+            out.committed.append(len(commit))
+            out.tokens += commit
+            new_hidden, new_at = hidden[:, :a + 1], n - 1
+        out.seconds = time.perf_counter() - start
+        return out
+
+    @staticmethod
+    def _may_beat(draft: torch.Tensor, best) -> bool:
+        """Whether a branch can be accepted further than the best so far: it must equal the target's tokens
+        up to and including the best's first rejected slot (the target's token there is known)."""
+        a, _, greedy, _ = best
+        return a < draft.numel() and bool((draft[:a + 1] == greedy[:a + 1]).all())
