@@ -76,12 +76,12 @@ class CacheReader:
         marker = self.markers[shard]
         expected = self.manifest.shard_shapes(marker["tokens"], marker["samples"])
         recorded = marker.get("chunks")  # since 1.1
-        files = self.loc.files_under(SHARDS_DIR, shard)
         try:
             group = self.loc.open_shard(shard, mode="r")
             arrays = {name: group[name] for name in expected}
         except (KeyError, ValueError, FileNotFoundError) as e:  # missing node, unreadable or invalid zarr.json
             raise CacheCorruptionError(f"shard {shard}: {type(e).__name__}: {e}") from e
+        chunk_files = {}
         for name, shape in expected.items():
             arr = arrays[name]
             if shape is not None and tuple(arr.shape) != shape:
@@ -90,14 +90,15 @@ class CacheReader:
             if recorded is not None and recorded.get(name) != arr.nchunks:
                 raise CacheCorruptionError(f"shard {shard}, array {name}: {arr.nchunks} chunks, its commit marker "
                                            f"says {recorded.get(name)}")
-            if name == "loss_mask" and not self.manifest.writes_empty_chunks:
-                continue
-            grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
-            keys = (f"{name}/{arr.metadata.encode_chunk_key(idx)}" for idx in product(*grid))
-            absent = [key for key in keys if key not in files]
-            if absent:
-                raise CacheCorruptionError(f"shard {shard}, array {name}: {len(absent)} of {arr.nchunks} chunk "
-                                           f"files missing (first: {absent[0]})")
+            if name != "loss_mask" or self.manifest.writes_empty_chunks:
+                grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
+                chunk_files.update({f"{name}/{arr.metadata.encode_chunk_key(idx)}": name for idx in product(*grid)})
+        absent = self.loc.absent(list(chunk_files), SHARDS_DIR, shard)
+        if absent:
+            name = chunk_files[absent[0]]
+            count = sum(chunk_files[a] == name for a in absent)
+            raise CacheCorruptionError(f"shard {shard}, array {name}: {count} of {arrays[name].nchunks} chunk files "
+                                       f"missing (first: {absent[0]})")
         for name, arr in arrays.items():
             self._arrays[shard, name] = arr
 

@@ -17,18 +17,12 @@ from PIL import Image
 
 from cache_schema import CacheReader
 from cache_schema.codecs import bf16_to_words
-from extract.config import ExtractConfig, InputConfig, GenerationConfig, TargetConfig
+from extract.config import ExtractConfig
 from extract.run import run
+from helpers import extract_config as config
 from tools.demo_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def config(out, shards, target_dir, **kw) -> ExtractConfig:
-    target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu", layer_ids=[2, 4, 5])
-    return ExtractConfig(out=str(out), target=target,
-                         data=InputConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
-                         generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
 
 
 def cache_contents(url) -> dict:

@@ -6,6 +6,7 @@ the problem is counted by its reason while everything else is kept.
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -14,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_schema import CacheCorruptionError, CacheError, CacheReader, CacheWriter, verify
+import extract.run as extract_run
+from cache_schema import CacheCorruptionError, CacheReader, CacheWriter, IncompatibleCacheError, verify
 from cache_schema.codecs import bf16_to_words
 from cache_schema.storage import Location
 from extract.formats import SkipSample, parse_sample
 from extract.sources import IncompleteShard, expand_shards, output_shard_name, tar_records
-from helpers import make_manifest, make_sample, write_target_files
+from helpers import extract_config, make_manifest, make_sample, write_target_files
 from tools.inspect_cache import main as inspect_main
 
 # --- the cache ------------------------------------------------------------------------------------------------
@@ -247,3 +249,68 @@ def test_image_without_placeholder_or_listing_is_counted(meta, members, reason):
 
 
 # --- settings and extraction runs -----------------------------------------------------------------------------
+
+
+def refuse_load(*args, **kwargs):
+    raise AssertionError("the target was loaded")
+
+
+@pytest.mark.parametrize("section, field, value, key", [
+    ("data", "format", "llava2", "data.format"), ("generation", "batch_size", 0, "generation.batch_size"),
+    ("data", "max_length", 0, "data.max_length"), ("target", "num_capture_layers", 0, "target.num_capture_layers"),
+    ("storage", "chunk_tokens", 0, "storage.chunk_tokens"), ("storage", "compression", "lz5", "storage.compression"),
+    (None, "threads", 0, "threads")])
+def test_mistaken_setting_is_refused_by_key_before_anything(tmp_path, tiny_targets, demo_shards, monkeypatch,
+                                                             section, field, value, key):
+    monkeypatch.setattr(extract_run, "load_target", refuse_load)
+    cfg = extract_config(tmp_path / "cache", demo_shards[:1], tiny_targets / "qwen3_vl")
+    setattr(getattr(cfg, section) if section else cfg, field, value)
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}={value!r}"):
+        extract_run.run(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_refusals_that_need_no_model_come_before_the_target_loads(tmp_path, tiny_targets, demo_shards, monkeypatch):
+    cache, target = tmp_path / "cache", tiny_targets / "qwen3_vl"
+    first = extract_run.run(extract_config(cache, demo_shards[:1], target))
+    monkeypatch.setattr(extract_run, "load_target", refuse_load)
+    again = extract_run.run(extract_config(cache, demo_shards[:1], target))  # nothing to do: no load
+    assert again["samples"] == first["samples"] == 8 and again["shards"] == 1
+    with pytest.raises(IncompatibleCacheError, match=r"target\.fingerprint: cache has"):
+        extract_run.run(extract_config(cache, demo_shards[:1], tiny_targets / "qwen3_vl_moe"))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"out=.*a-file/cache is not writable"):
+        extract_run.run(extract_config(tmp_path / "a-file" / "cache", demo_shards[:1], target))
+
+
+def test_broken_input_shards_are_counted_retried_and_the_rest_kept(tmp_path, tiny_targets, demo_shards):
+    cache, target = tmp_path / "cache", tiny_targets / "qwen3_vl"
+    whole = demo_shards[1].read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(whole[:member_ends(demo_shards[1])[5]])  # cut at a member boundary
+    dup = write_tar(tmp_path / "dup-000000.tar", text_sample("x") + text_sample("y") + text_sample("y")
+                    + text_sample("z"))
+    respelled = demo_shards[0].parent / "." / demo_shards[0].name
+    shards = [demo_shards[0], cut, dup, respelled]
+
+    with pytest.raises(ValueError, match=rf"input shard {cut}: truncated: .*strict=true"):
+        extract_run.run(extract_config(cache, [cut], target, strict=True))
+    summary = extract_run.run(extract_config(cache, shards, target))
+    assert summary["incomplete_input_shards"] == {
+        str(cut): "truncated: no end-of-archive marker: the file was cut short"}
+    assert summary["skipped"] == {"duplicate_member": 1} and summary["shards"] == 2
+    reader = CacheReader(str(cache))
+    keys = sorted(reader[i].key for i in range(len(reader)))
+    demo_keys = _tar_keys(demo_shards[0])
+    assert keys == sorted(demo_keys + ["x", "z"])
+    assert not (cache / "shards" / output_shard_name(str(cut))).exists()
+
+    cut.write_bytes(whole)  # the next run retries the shard that did not read to its end
+    summary = extract_run.run(extract_config(cache, shards, target))
+    assert summary["incomplete_input_shards"] == {} and summary["shards"] == 3
+    assert summary["samples"] == 2 * len(demo_keys) + 2 and summary["duplicate_keys"] == 0
+    verify(str(cache), progress=False)
+
+
+def _tar_keys(path) -> list[str]:
+    return sorted({m.name.split(".", 1)[0] for m in tarfile.open(path).getmembers()})
