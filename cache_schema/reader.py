@@ -76,11 +76,14 @@ class CacheReader:
         marker = self.markers[shard]
         expected = self.manifest.shard_shapes(marker["tokens"], marker["samples"])
         recorded = marker.get("chunks")  # since 1.1
-        try:
+        arrays, where = {}, f"shard {shard}"
+        try:  # zarr: KeyError or FileNotFoundError for a missing node, ValueError for an invalid zarr.json
             group = self.loc.open_shard(shard, mode="r")
-            arrays = {name: group[name] for name in expected}
-        except (KeyError, ValueError, FileNotFoundError) as e:  # missing node, unreadable or invalid zarr.json
-            raise CacheCorruptionError(f"shard {shard}: {type(e).__name__}: {e}") from e
+            for name in expected:
+                where = f"shard {shard}, array {name}"
+                arrays[name] = group[name]
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise CacheCorruptionError(f"{where}: cannot be opened: {type(e).__name__}: {e}") from e
         chunk_files = {}
         for name, shape in expected.items():
             arr = arrays[name]

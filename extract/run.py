@@ -1,7 +1,8 @@
 """The extract loop: a deterministic map from each input shard to one committed output shard.
 
 Restart-safe: committed output shards are skipped, an uncommitted leftover is rebuilt from scratch, so a
-killed run started again with the same command ends with exactly what an uninterrupted run writes.
+killed run started again with the same command ends with exactly what an uninterrupted run writes. An input
+shard that does not read to its end is left uncommitted and listed in the summary; the next run retries it.
 """
 
 import logging
@@ -100,7 +101,7 @@ def run(cfg: ExtractConfig) -> dict:
         log.info("rank %d: nothing to do, the target is not loaded", state.process_index)
     state.wait_for_everyone()
     if state.num_processes > 1:
-        incomplete = dict(kv for kv in gather_object(list(incomplete.items())))
+        incomplete = dict(gather_object(list(incomplete.items())))
     if not state.is_main_process:
         return {}
     return write_summary(writer, cfg.out, incomplete, time.perf_counter() - start)

@@ -71,6 +71,17 @@ def test_deleted_chunk_fails_verify_and_reads_naming_shard_and_array(tmp_path, a
         np.testing.assert_array_equal(bf16_to_words(reader[i].hidden_TLH), bf16_to_words(samples[i].hidden_TLH))
 
 
+@pytest.mark.parametrize("damage", ["array folder deleted", "zarr.json garbled"])
+def test_damaged_array_metadata_is_named(tmp_path, damage):
+    url = str(tmp_path / "cache")
+    write_cache(url, tmp_path)
+    folder = tmp_path / "cache" / "shards" / "shard-002" / "position_ids"
+    shutil.rmtree(folder) if damage == "array folder deleted" else (folder / "zarr.json").write_text("{oops")
+    with pytest.raises(CacheCorruptionError, match="shard shard-002, array position_ids: cannot be opened"):
+        verify(url, progress=False)
+    assert CacheReader(url)[0].key == "s0-0"
+
+
 @pytest.mark.parametrize("name", ["target_head.safetensors", "tokenizer/vocab.json", "tokenizer/sub/merges.txt"])
 def test_flipped_byte_in_a_target_file_is_named(tmp_path, name):
     url = str(tmp_path / "cache")
