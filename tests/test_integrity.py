@@ -221,6 +221,16 @@ def test_tar_cut_short_is_an_incomplete_shard(tmp_path, cut, reason, read):
     assert e.value.reason == reason and got == list(read)
 
 
+def test_damaged_header_mid_tar_is_an_incomplete_shard(tmp_path):
+    full = write_tar(tmp_path / "full.tar", [m for k in "abcd" for m in text_sample(k)])
+    data = bytearray(full.read_bytes())
+    data[member_ends(full)[1] + 148] ^= 0xFF  # the checksum field of c's header: tarfile would just stop there
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(IncompleteShard, match="truncated: no end-of-archive marker"):
+        read_all(str(bad))
+
+
 @pytest.mark.parametrize("command", ["cat {tar}; exit 3", "head -c 3000 {tar}", "cat {tar}.missing"])
 def test_failed_pipe_is_an_incomplete_shard(tmp_path, command):
     tar = write_tar(tmp_path / "x.tar", [m for k in "abcd" for m in text_sample(k)])
@@ -308,7 +318,7 @@ def test_broken_input_shards_are_counted_retried_and_the_rest_kept(tmp_path, tin
         extract_run.run(extract_config(cache, [cut], target, strict=True))
     summary = extract_run.run(extract_config(cache, shards, target))
     assert summary["incomplete_input_shards"] == {
-        str(cut): "truncated: no end-of-archive marker: the file was cut short"}
+        str(cut): "truncated: no end-of-archive marker: the file was cut short or a header is damaged"}
     assert summary["skipped"] == {"duplicate_member": 1} and summary["shards"] == 2
     reader = CacheReader(str(cache))
     keys = sorted(reader[i].key for i in range(len(reader)))
