@@ -3,7 +3,8 @@
     ROOT/manifest.json                 identity (schema, target, layer ids, storage, tokenizer, generation)
     ROOT/target_head.safetensors       embed_tokens, lm_head, final_norm of the target
     ROOT/checksums.json                sha256 of the head and of every tokenizer file (written after them)
-    ROOT/summary.json                  run statistics and skip counts (written at the end of a run)
+    ROOT/summary.json                  written at the end of a run: statistics, skip counts, samples per committed
+                                       shard, duplicate keys, input shards left incomplete
     ROOT/tokenizer/                    the target's tokenizer files, so the cache decodes without the target
     ROOT/shards/NAME/                  one zarr v3 group per output shard
     ROOT/shards/NAME/_COMMITTED.json   written last: a shard without it does not exist for readers; holds the
