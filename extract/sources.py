@@ -124,7 +124,8 @@ def _members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
     except (OSError, EOFError, tarfile.TarError) as e:
         raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
     if not tar.reached_end_marker:
-        raise IncompleteShard(url, "truncated", "no end-of-archive marker: the file was cut short or a header is damaged")
+        raise IncompleteShard(url, "truncated",
+                              "no end-of-archive marker: the file was cut short or a header is damaged")
 
 
 def tar_records(url: str, skips: Counter, on_skip) -> Iterator[dict]:
