@@ -77,7 +77,7 @@ def main() -> None:
     layers = target.text_config.num_hidden_layers
     layer_ids = [3, 11, 18, 26, 33] if layers == 36 else [2, 4, 5]
     cfg = ExtractConfig(out=str(work / "cache"), target=TargetConfig(path="bench", dtype="bfloat16"))
-    writer = CacheWriter(cfg.out, make_manifest(cfg, target, layer_ids))
+    writer = CacheWriter(cfg.out, make_manifest(cfg, target.model.config, target.tokenizer, layer_ids))
     shard_writer = writer.shard("bench")
 
     batches = [convs[i:i + args.batch_size] for i in range(0, len(convs), args.batch_size)]
