@@ -1,0 +1,303 @@
+"""A tiny Qwen3-VL that has learned something: trained on the CPU on the scene task of `tools/scenes.py`.
+
+Random-weight targets give degenerate greedy answers; this one answers held-out image prompts with the right
+content, so a drafter trained on its regenerated answers can show real acceptance. The model and processor
+come from `tools/tiny_targets.py` (the real transformers classes, deepstack included); training is plain
+PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by the processor's own outputs for
+the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
+
+    python -m tools.learned_target OUT [--steps 600]
+
+writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
+OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText
+
+from extract.formats import parse_sample
+from extract.regenerate import header_spans
+from tools import scenes
+from tools.corpus import training_text
+from tools.tiny_targets import build_config, build_processor, build_tokenizer
+
+FAMILY = "qwen3_vl"
+HEADER = "<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    train_samples: int = 6000
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 30
+    eval_samples: int = 200
+    threads: int = 2
+
+    def __post_init__(self):
+        for name in ("train_samples", "steps", "batch_size", "eval_samples", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"learned target setting {name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"learned target setting warmup={self.warmup} must lie in [0, steps={self.steps})")
+
+    def key(self) -> str:
+        """Hash of the settings, the generator's source and the library versions: the build's cache key."""
+        here = Path(__file__).parent
+        blob = json.dumps(asdict(self), sort_keys=True) + transformers.__version__ + torch.__version__
+        for name in ("scenes.py", "learned_target.py", "tiny_targets.py", "corpus.py"):
+            blob += (here / name).read_text()
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def chat(sample: scenes.Sample, answers: str = "canonical") -> list[dict]:
+    """The sample's messages as extraction sees them: its own record parsed by the pipeline's parser."""
+    return parse_sample(scenes.to_record(sample, answers), source="scenes").messages
+
+
+def build_processor_for(corpus_samples: list[scenes.Sample]):
+    text = [t[k] for s in corpus_samples for t in s.turns for k in ("question", "canonical", "reference")]
+    tok = build_tokenizer(text + training_text())
+    return build_processor(FAMILY, tok)
+
+
+def encode(processor, batch: list[scenes.Sample]) -> list[dict]:
+    """Per sample: processor outputs of the conversation with canonical answers, labels on assistant tokens.
+
+    The processor runs on the whole batch (much faster than sample by sample) and its outputs are split back.
+    """
+    tok = processor.tokenizer
+    header = tok.encode(HEADER, add_special_tokens=False)
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    texts = [processor.apply_chat_template(chat(s), tokenize=False) for s in batch]
+    images = [img for s in batch for img in s.images]
+    enc = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    patches = iter(enc["pixel_values"].split(enc["image_grid_thw"].prod(-1).tolist()) if images else [])
+    grids = iter(enc["image_grid_thw"].split(1) if images else [])
+    items = []
+    for row, (sample, n) in enumerate(zip(batch, enc["attention_mask"].sum(-1).tolist())):
+        ids = enc["input_ids"][row, :n]
+        labels = torch.full_like(ids, -100)
+        for a, b in header_spans(ids.tolist(), header, end_id):
+            labels[a:b] = ids[a:b]
+        item = {"input_ids": ids, "mm_token_type_ids": enc["mm_token_type_ids"][row, :n], "labels": labels}
+        if sample.images:
+            item["pixel_values"] = torch.cat([next(patches) for _ in sample.images])
+            item["image_grid_thw"] = torch.cat([next(grids) for _ in sample.images])
+        items.append(item)
+    return items
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; images concatenated in sample order, as the processor itself does."""
+    T = max(len(it["input_ids"]) for it in items)
+
+    def pad(key, value):
+        out = torch.full((len(items), T), value, dtype=items[0][key].dtype)
+        for i, it in enumerate(items):
+            out[i, :len(it[key])] = it[key]
+        return out
+
+    batch = {"input_ids": pad("input_ids", pad_id), "mm_token_type_ids": pad("mm_token_type_ids", 0),
+             "labels": pad("labels", -100)}
+    batch["attention_mask"] = (torch.arange(T)[None] < torch.tensor([len(it["input_ids"]) for it in items])[:, None]
+                               ).long()
+    with_images = [it for it in items if "pixel_values" in it]
+    if with_images:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
+        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+    return batch
+
+
+def new_model(processor, seed: int):
+    config = build_config(FAMILY, processor.tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = config.get_text_config().eos_token_id
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    return model
+
+
+def batches(items: list[dict], batch_size: int, steps: int, seed: int):
+    """`steps` batches; each draws 4 batches' worth of samples and groups them by length to cut padding."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    pending: list[list[int]] = []
+    for _ in range(steps):
+        if not pending:
+            while len(order) < 4 * batch_size:
+                more = list(range(len(items)))
+                rng.shuffle(more)
+                order += more
+            pool, order = order[:4 * batch_size], order[4 * batch_size:]
+            pool.sort(key=lambda i: len(items[i]["input_ids"]))
+            pending = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+            rng.shuffle(pending)
+        yield [items[i] for i in pending.pop()]
+
+
+def train(model, items: list[dict], settings: Settings, pad_id: int, progress: bool = True) -> list[float]:
+    """Plain AdamW with warmup and cosine decay; returns the loss of every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - settings.warmup) / max(1, settings.steps - settings.warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    bar = tqdm(batches(items, settings.batch_size, settings.steps, settings.seed), total=settings.steps,
+               desc="train learned target", disable=not progress)
+    for group in bar:
+        loss = model(**collate(group, pad_id), use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+    model.eval()
+    return losses
+
+
+def turn_prompts(sample: scenes.Sample) -> list[tuple[str, str, str]]:
+    """(task, prompt text up to turn t with canonical history, canonical answer) for every turn."""
+    messages = chat(sample)
+    out = []
+    for t, turn in enumerate(sample.turns):
+        out.append((turn["task"], messages[:2 * t + 1], turn["canonical"]))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, processor, held_out: list[scenes.Sample], batch_size: int = 16,
+             progress: bool = True) -> dict:
+    """Greedy answers to every turn of the held-out samples (history: the canonical answers).
+
+    Reports exact match per task and overall, and the share of the canonical answer's sentences that the
+    greedy answer reproduces (a per-field score: each sentence carries one object, count or position).
+    """
+    tok = processor.tokenizer
+    cases = [(s, *p) for s in held_out for p in turn_prompts(s)]
+    results = []
+    for i in tqdm(range(0, len(cases), batch_size), desc="evaluate held-out prompts", disable=not progress):
+        chunk = cases[i:i + batch_size]
+        texts = [processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                 for _, _, msgs, _ in chunk]
+        images = [img for s, *_ in chunk for img in s.images]
+        enc = processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+        longest = max(len(tok.encode(c)) for *_, c in chunk)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, temperature=None, top_p=None,
+                             top_k=None)
+        for (s, task, _, canon), row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
+            answer = tok.decode(row, skip_special_tokens=True).strip()
+            results.append((task, canon, answer, len(tok.encode(canon)) + 1))
+    by_task: dict[str, list[bool]] = {}
+    sentences_hit = sentences_all = 0
+    for task, canon, answer, _ in results:
+        by_task.setdefault(task, []).append(answer == canon)
+        wanted = [c.strip() for c in canon.replace(". ", ".\n").split("\n")]
+        got = {c.strip() for c in answer.replace(". ", ".\n").split("\n")}
+        sentences_hit += sum(w in got for w in wanted)
+        sentences_all += len(wanted)
+    lengths = [n for *_, n in results]
+    return {
+        "turns": len(results),
+        "exact_match": sum(ok for v in by_task.values() for ok in v) / len(results),
+        "sentence_accuracy": sentences_hit / sentences_all,
+        "exact_match_by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
+        "turns_by_task": {t: len(v) for t, v in sorted(by_task.items())},
+        "answer_tokens_mean": sum(lengths) / len(lengths),
+        "answer_tokens_max": max(lengths),
+        "examples": [{"task": t, "canonical": c, "greedy": a} for t, c, a, _ in results[:12]],
+    }
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> dict:
+    """Train the learned target into `out/model`, write `out/accuracy.json`, return that report."""
+    out = Path(out)
+    torch.set_num_threads(settings.threads)
+    t0 = time.perf_counter()
+    # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
+    train_set = scenes.samples("target", settings.train_samples, settings.seed)
+    held_out = scenes.samples("heldout", settings.eval_samples, settings.seed)
+    processor = build_processor_for(train_set)
+    pad_id = processor.tokenizer.pad_token_id
+    items = [it for i in tqdm(range(0, len(train_set), 64), desc="encode training samples", disable=not progress)
+             for it in encode(processor, train_set[i:i + 64])]
+    t_data = time.perf_counter() - t0
+    model = new_model(processor, settings.seed)
+    losses = train(model, items, settings, pad_id, progress)
+    t_train = time.perf_counter() - t0 - t_data
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    report = evaluate(model, processor, held_out, progress=progress)
+    report.update(settings=asdict(settings), key=settings.key(), data_seconds=round(t_data, 1),
+                  train_seconds=round(t_train, 1), eval_seconds=round(time.perf_counter() - t0 - t_data - t_train, 1),
+                  final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=[round(x, 4) for x in losses],
+                  train_tokens=sum(len(it["input_ids"]) for it in items),
+                  checkpoint_mb=round(dir_mb(out / "model"), 2))
+    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def ensure(work_dir: Path, settings: Settings = Settings(), progress: bool = True) -> Path:
+    """The learned target for `settings` under `work_dir/learned-target-KEY`, built only if not there yet.
+
+    KEY hashes the settings, the generator's source and the library versions, so a change to any of them
+    builds afresh; a build writes to a temporary directory renamed at the end, so a killed one is never reused.
+    Returns the directory holding `model/` and `accuracy.json`.
+    """
+    final = Path(work_dir) / f"learned-target-{settings.key()}"
+    if (final / "accuracy.json").exists():
+        return final
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial, settings, progress)
+    partial.rename(final)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--train-shard-samples", type=int, default=512, help="drafter-training prompts to write")
+    parser.add_argument("--heldout-shard-samples", type=int, default=128, help="evaluation-only prompts to write")
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    settings = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
+    report = build(args.out, settings)
+    for split, n in (("train", args.train_shard_samples), ("heldout", args.heldout_shard_samples)):
+        paths = scenes.write_task_shards(args.out / "shards", split, n, settings.seed)
+        print(f"{split}: {len(paths)} shards in {args.out / 'shards'}")
+    for ex in report["examples"]:
+        print(f"[{ex['task']}]\n  want: {ex['canonical']}\n  got:  {ex['greedy']}")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "losses")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
