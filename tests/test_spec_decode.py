@@ -17,7 +17,7 @@ from extract.regenerate import encode, generate
 from extract.run import run as extract
 from extract.target import Target, load_target
 from tools.spec_decode import last_prompt, run, shard_conversations
-from tools.speculate import Speculator
+from tools.speculate import Speculator, may_beat
 from train.attention import build_mask
 from train.checkpoint import load_drafter
 from train.config import DrafterConfig
@@ -162,3 +162,11 @@ def test_refusals_name_the_problem(trained, tiny_targets, tmp_path):
         run(str(tiny_targets / "qwen3"), ckpt, shards=shard, progress=False)
     with pytest.raises(ValueError, match="exactly one of --shards and --prompts"):
         run(str(tiny_targets / "qwen3_vl"), ckpt, progress=False)
+
+
+def test_a_branch_is_verified_only_when_it_can_beat_the_best():
+    greedy = torch.tensor([5, 6, 7, 8, 9])  # the target's tokens after each slot of a draft that matched a = 2
+    assert may_beat(torch.tensor([5, 6, 7, 1]), 2, greedy)  # matches through the rejected slot: a >= 3
+    assert not may_beat(torch.tensor([5, 6, 4, 8]), 2, greedy)  # rejected where the draft was
+    assert not may_beat(torch.tensor([5, 3, 7, 8]), 2, greedy)  # rejected earlier
+    assert not may_beat(torch.tensor([5, 6, 7, 8]), 4, greedy)  # the draft was accepted whole

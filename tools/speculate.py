@@ -40,6 +40,13 @@ def _cut(kv: DynamicCache, length: int) -> None:
         kv.crop(-extra)
 
 
+def may_beat(draft: torch.Tensor, a: int, greedy: torch.Tensor) -> bool:
+    """Whether a branch can be accepted further than a verified draft that matched `a` slots, whose verification
+    gave the target's tokens `greedy`: it must equal them up to and including that draft's first rejected slot
+    (the target's tokens there depend only on the shared, accepted prefix)."""
+    return a < draft.numel() and bool((draft[:a + 1] == greedy[:a + 1]).all())
+
+
 @dataclass
 class Decoded:
     tokens: list[int]  # generated ids, the first from the prefill
@@ -162,24 +169,19 @@ class Speculator:
             if self.vp is not None:
                 candidates += self._branches(caches[1], last, first[0], conf[0], pos_B)
             best = None  # (a, draft, greedy, hidden)
-            verified = None  # the candidate whose block is in the target's cache
             for draft in candidates:
-                if best is not None and not self._may_beat(draft, best):
+                if best is not None and not may_beat(draft, best[0], best[2]):
                     continue
-                if verified is not None:
+                if best is not None:
                     _cut(kv, n - 1)
                 greedy, hidden, _ = self._forward(self._step_inputs([last, *draft.tolist()], n - 1, delta), kv)
                 out.forwards += 1
-                verified = draft
                 a = int(torch.cumprod((draft == greedy[:-1]).long(), 0).sum())
-                if best is None or a > best[0]:
-                    best = (a, draft, greedy, hidden)
+                # A branch verified after the first matched past the earlier best's rejection, so the last one
+                # verified is the longest (and it is what the target's cache holds).
+                best = (a, draft, greedy, hidden)
             a, draft, greedy, hidden = best
             commit = [*draft[:a].tolist(), int(greedy[a])]
-            if verified is not draft:  # the winner's block was overwritten by a later branch: write it again
-                _cut(kv, n - 1)
-                self._forward(self._step_inputs([last, *draft[:a].tolist()], n - 1, delta), kv)
-                out.forwards += 1
             _cut(kv, n + a)
             stop = next((i + 1 for i, t in enumerate(commit) if t in eos), len(commit))
             commit = commit[:min(stop, max_new_tokens - len(out.tokens))]
@@ -189,10 +191,3 @@ class Speculator:
             new_hidden, new_at = hidden[:, :a + 1], n - 1
         out.seconds = time.perf_counter() - start
         return out
-
-    @staticmethod
-    def _may_beat(draft: torch.Tensor, best) -> bool:
-        """Whether a branch can be accepted further than the best so far: it must equal the target's tokens
-        up to and including the best's first rejected slot (the target's token there is known)."""
-        a, _, greedy, _ = best
-        return a < draft.numel() and bool((draft[:a + 1] == greedy[:a + 1]).all())
