@@ -85,7 +85,7 @@ def test_speculators_export_has_vllm_keys_and_exact_tensor_names(tmp_path):
     assert (config["mask_token_id"], config["block_size"]) == (299, 4)
     assert config["draft_vocab_size"] == 300  # written even for the full vocabulary
     assert config["target_hidden_size"] == 32
-    assert config["sliding_window_non_causal"] is True
+    assert config["sliding_window_non_causal"] is True and config["sample_from_anchor"] is False
     layer = config["transformer_layer_config"]
     assert layer["model_type"] == "qwen3"
     assert (layer["vocab_size"], layer["hidden_size"], layer["num_hidden_layers"]) == (300, 32, 2)

@@ -135,6 +135,8 @@ def speculators_config(d: DrafterConfig, manifest: dict, draft_vocab_size: int, 
         "target_hidden_size": d.hidden_size,
         # vLLM turns this into dflash_config.causal = not sliding_window_non_causal, for every layer.
         "sliding_window_non_causal": True,
+        # Slot 0 holds the verified token and predicts nothing (DFlash); DSpark-style drafters sample from it.
+        "sample_from_anchor": False,
         "dtype": dtype, "torch_dtype": dtype,
         "dflash_offline": meta,
     }
