@@ -14,7 +14,6 @@ may end with a user turn. Prompts run one at a time (no batching). Prints a tabl
 import argparse
 import json
 import logging
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -161,6 +160,8 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
                      **({} if result.tokens == reference else {"tokens": result.tokens, "reference": reference})})
         bar.update(1)
     bar.close()
+    if not rows:
+        raise ValueError(f"no prompt to decode in {shards or prompts} (skipped: {dict(skipped) or 'none'})")
     report = summarise(rows, spec.dflash.block)
     report.update({"target": target_path, "drafter": str(drafter), "vp": str(vp) if vp else None,
                    "k": k if vp else None, "batch": "one prompt at a time",
@@ -183,14 +184,18 @@ def summarise(rows: list[dict], block: int) -> dict:
               "text_only": [r for r in rows if not r["images"]]}
     return {"lossless": all(r["lossless"] for r in rows), "samples": len(rows),
             "lossless_samples": sum(r["lossless"] for r in rows), "cycles": int(a.size), "committed": committed,
-            "tau": committed / a.size if a.size else math.nan,
+            "tau": committed / a.size if a.size else None,
             "tau_by_group": {g: (sum(sum(r["committed"]) for r in rs) / n if (n := sum(r["cycles"] for r in rs))
-                                 else math.nan) for g, rs in groups.items()},
-            "accept_per_slot": [float((a >= s).mean()) if a.size else math.nan for s in range(1, block)],
+                                 else None) for g, rs in groups.items()},
+            "accept_per_slot": [float((a >= s).mean()) if a.size else None for s in range(1, block)],
             "accepted_hist": np.bincount(a, minlength=block).tolist(),
-            "target_forwards_per_cycle": sum(r["target_forwards"] for r in rows) / a.size if a.size else math.nan,
-            "generated_tokens": tokens, "spec_tokens_per_s": tokens / spec_s if spec_s else math.nan,
-            "generate_tokens_per_s": tokens / ref_s if ref_s else math.nan}
+            "target_forwards_per_cycle": sum(r["target_forwards"] for r in rows) / a.size if a.size else None,
+            "generated_tokens": tokens, "spec_tokens_per_s": tokens / spec_s if spec_s else None,
+            "generate_tokens_per_s": tokens / ref_s if ref_s else None}
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def table(report: dict) -> str:
@@ -198,14 +203,14 @@ def table(report: dict) -> str:
              f"{len(report['accept_per_slot']) + 1}" + (f", D2SD k={report['k']}" if report["vp"] else ""),
              f"  lossless            {'yes' if report['lossless'] else 'NO'} "
              f"({report['lossless_samples']}/{report['samples']} identical to generate)",
-             f"  tau                 {report['tau']:.3f}  (" + ", ".join(
-                 f"{g} {t:.3f}" for g, t in report["tau_by_group"].items() if not math.isnan(t)) + ")",
+             f"  tau                 {_num(report['tau'])}  (" + ", ".join(
+                 f"{g} {t:.3f}" for g, t in report["tau_by_group"].items() if t is not None) + ")",
              f"  cycles              {report['cycles']}  (target forwards per cycle "
-             f"{report['target_forwards_per_cycle']:.2f})",
-             "  accepted per slot   " + " ".join(f"{p:.2f}" for p in report["accept_per_slot"]),
+             f"{_num(report['target_forwards_per_cycle'], '.2f')})",
+             "  accepted per slot   " + " ".join(_num(p, ".2f") for p in report["accept_per_slot"]),
              "  histogram of a      " + " ".join(map(str, report["accepted_hist"])),
-             f"  tokens/s            speculative {report['spec_tokens_per_s']:.1f}, generate "
-             f"{report['generate_tokens_per_s']:.1f}"]
+             f"  tokens/s            speculative {_num(report['spec_tokens_per_s'], '.1f')}, generate "
+             f"{_num(report['generate_tokens_per_s'], '.1f')}"]
     if report["skipped"]:
         lines.append("  skipped             " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
     return "\n".join(lines)
