@@ -174,6 +174,7 @@ def test_qwen3_vl_drafter_export_carries_no_mrope_field(tmp_path):
     ({"partial_rotary_factor": 0.25}, "dflash", False, "partial_rotary_factor=0.25"),
     ({}, "dflash", True, "reduced draft vocabulary"),
     ({"position_source": "mrope_axis0"}, "dflash", False, "feed plain token indices"),
+    ({"mask_token_id": 300}, "speculators", False, "mask_token_id=300"),
 ])
 def test_exports_engines_would_run_differently_are_refused(change, fmt, reduced, reason):
     manifest = make_manifest(layers=LAYERS).to_dict()

@@ -46,6 +46,9 @@ def check_exportable(d: DrafterConfig, manifest: dict, fmt: str, reduced: bool) 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}; choose one of {', '.join(FORMATS)}")
     target = manifest["target"]
+    if d.mask_token_id is None or not 0 <= d.mask_token_id < target["vocab_size"]:
+        raise ValueError(f"mask_token_id={d.mask_token_id} must be a target vocabulary id < {target['vocab_size']}: "
+                         "the engines embed the mask slots with the target's embedding")
     n = target["num_hidden_layers"]
     bad = [i for i in d.target_layer_ids if not 0 <= i < n - 1]
     if bad:
