@@ -56,8 +56,20 @@ def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targe
         for layer in layer_ids:
             diff = (captured[layer][0] - out.hidden_states[layer + 1][0]).abs().max().item()
             assert diff <= 1e-5, (family, layer, diff)
-        # positions: the model's own rope index, 3 axes
-        assert sample.position_ids.shape == (3, len(sample))
+        # positions, against the M-RoPE rule: a text token is one past the largest position before it, on all
+        # three axes; a still image's tokens share the next position on the temporal axis and spread from it on
+        # the two spatial ones
+        pos = sample.position_ids
+        assert pos.shape == (3, len(sample))
+        image = sample.input_ids == target.special_tokens.get("image_token_id", -1)
+        top = -1
+        for i in range(len(sample)):
+            if not image[i]:
+                assert (pos[:, i] == top + 1).all(), (family, i)
+            top = max(top, pos[:, i].max())
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], image.astype(int), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):
+            assert (pos[0, a:b] == pos[0, a - 1] + 1).all() and (pos[1:, a:b].min(1) == pos[0, a]).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,38 +97,13 @@ def test_regeneration_equals_generate_with_and_without_batching(family, tiny_tar
 def test_multi_turn_history_uses_regenerated_answers(tiny_targets, convs):
     target = load_target(str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu")
     conv = next(c for c in convs if len(c.assistant_turns) == 3)
-    seq = build_sequences(target, [conv], regenerate=True, max_new_tokens=12, max_length=4096)[0]
+    seq = build_sequences(target, [conv], regenerate=True, max_new_tokens=24, max_length=4096)[0]
+    assert len(seq.answers) == 3  # the tiny qwen3_vl ends its turns by itself within the budget
     text = target.tokenizer.decode(seq.inputs["input_ids"][0])
     for answer in seq.answers[:-1]:
         assert _answer_text(target, answer) in text
     for original in (m for m in conv.messages if m["role"] == "assistant"):
         assert original["content"][0]["text"] not in text
-
-
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3"])
-def test_loss_mask_covers_exactly_assistant_content_and_end_of_turn(family, tiny_targets, convs):
-    target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
-    im_end = target.token_id("<|im_end|>")
-    # dataset answers kept: every masked span must decode to one answer plus <|im_end|>, in order
-    for seq in build_sequences(target, convs, regenerate=False, max_new_tokens=8, max_length=4096):
-        sample = capture(target, seq, [1])
-        ids, mask = sample.input_ids, sample.loss_mask
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
-        spans = list(zip(edges[::2], edges[1::2]))
-        answers = [m["content"][0]["text"] for m in seq.conv.messages if m["role"] == "assistant"]
-        assert len(spans) == len(answers)
-        for (a, b), answer in zip(spans, answers):
-            assert ids[b - 1] == im_end
-            assert target.tokenizer.decode(ids[a:b]) == answer + "<|im_end|>"
-            assert target.tokenizer.decode(ids[:a]).endswith("<|im_start|>assistant\n")
-    # regenerated: the last span is exactly the generated ids
-    for seq in build_sequences(target, convs, regenerate=True, max_new_tokens=12, max_length=4096):
-        sample = capture(target, seq, [1])
-        n = len(seq.answers[-1])
-        assert sample.loss_mask[-n:].all() and list(sample.input_ids[-n:]) == seq.answers[-1]
-        prompt = target.tokenizer.decode(sample.input_ids[:-n])
-        assert prompt.endswith("<|im_start|>assistant\n") or prompt.endswith("<think>\n")
-        assert not sample.loss_mask[-n - 2:-n].any()  # the header and generation prompt stay unsupervised
 
 
 def test_system_prompt_and_thinking_switch_reach_the_prompt(tiny_targets):
