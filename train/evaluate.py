@@ -2,7 +2,8 @@
 
     python -m train.evaluate CKPT [--cache URL] [--shards a,b] [--vp CKPT] [--k 4] [--max-samples N] [--out DIR]
 
-Prints a table and writes eval.json and eval.png in --out (default: the checkpoint directory). The shards
+CKPT is a checkpoint directory or a run directory (its latest checkpoint). Prints a table and writes eval.json
+and eval.png in --out (default: the checkpoint directory). The shards
 default to the run's eval shards (the last data.eval_shards committed shards, as training held them out).
 """
 
@@ -20,6 +21,7 @@ from cache_schema import CacheReader, Manifest  # noqa: E402
 from cache_schema.layout import check_compatible  # noqa: E402
 from train.checkpoint import load_drafter  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
+from train.export import resolve_checkpoint  # noqa: E402
 from train.replay import GROUPS, Drafting, replay_records, summarise  # noqa: E402
 
 
@@ -49,22 +51,22 @@ def pick_shards(reader: CacheReader, config: dict, shards: str | None) -> list[s
 def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = None, vp_path: Path | None = None,
              k: int = 4, max_samples: int | None = None, out: Path | None = None, device: str | None = None,
              backend: str = "dense", progress: bool = True) -> dict:
-    ckpt_path = Path(ckpt_path)
-    config = json.loads((ckpt_path / "config.json").read_text()) if (ckpt_path / "config.json").exists() else None
-    if config is None:
+    if k < 1:
+        raise ValueError(f"--k={k} must be >= 1")
+    ckpt_path = resolve_checkpoint(ckpt_path)
+    if not (ckpt_path / "config.json").exists():
         raise ValueError(f"{ckpt_path} is not a drafter checkpoint (no config.json)")
-    reader = CacheReader(cache or config["data"]["cache"])
+    reader = CacheReader(cache or json.loads((ckpt_path / "config.json").read_text())["data"]["cache"])
     head = reader.head_tensors()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, dflash = load(ckpt_path, reader, head, device, backend)
     vp = None
     if vp_path is not None:
-        vp_ckpt, vp = load(Path(vp_path), reader, head, device, backend)
+        vp_path = resolve_checkpoint(vp_path)
+        vp_ckpt, vp = load(vp_path, reader, head, device, backend)
         if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
             raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
                              f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
-    if k < 1:
-        raise ValueError(f"--k={k} must be >= 1")
     names = pick_shards(reader, ckpt.config, shards)
     dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
     if not len(dataset):
@@ -75,8 +77,9 @@ def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = Non
     result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None, "cache": reader.loc.url,
               "shards": names, "samples": len(records), "block_size": block, "k": k if vp else None,
               "dflash": summarise(records, block, "dflash"),
-              "per_sample": [{"sample_id": r["sample_id"], "images": r["images"],
-                              **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum())}
+              "per_sample": [{"sample_id": r["sample_id"], "key": r["key"], "images": r["images"],
+                              **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum()),
+                                     "accepted": r[m].accepted.tolist()}
                                  for m in ("dflash", "d2sd") if m in r}} for r in records]}
     if vp is not None:
         result["d2sd"] = summarise(records, block, "d2sd")
@@ -117,14 +120,14 @@ def plot(result: dict, path: Path) -> Path:
         for group, style in (("all", "o-"), ("last_turn", "s--"), ("history", "^:")):
             g = result[method][group]
             if g["cycles"]:
-                axes[0].plot(range(1, block), g["accept_per_slot"], style, label=f"{method} {group} "
-                             f"(tau {g['tau']:.2f})")
+                axes[0].plot(range(1, block), g["accept_per_slot"], style, color=f"C{n}",
+                             label=f"{method} {group} (tau {g['tau']:.2f})")
         hist = result[method]["all"]["accepted_hist"]
         total = max(1, sum(hist))
         axes[1].bar([a + (n - (len(methods) - 1) / 2) * width for a in range(block)], [h / total for h in hist],
-                    width=width, label=method)
-    axes[0].set(title="P(slot k accepted | cycle)", xlabel="block slot k", ylim=(0, 1.02))
-    axes[1].set(title="accepted drafts per cycle", xlabel="a(s)", ylabel="fraction of cycles")
+                    width=width, color=f"C{n}", label=method)
+    axes[0].set(title="P(slot k accepted | cycle)", xlabel="block slot k", ylim=(0, 1.02), xticks=range(1, block))
+    axes[1].set(title="accepted drafts per cycle", xlabel="a(s)", ylabel="fraction of cycles", xticks=range(block))
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -135,10 +138,10 @@ def plot(result: dict, path: Path) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a drafter checkpoint directory (runs/x/checkpoints/step-N)")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint (runs/x/checkpoints/step-N) or a run directory")
     parser.add_argument("--cache", help="cache URL (default: the one the run trained from)")
     parser.add_argument("--shards", help="comma-separated shard names (default: the run's eval shards)")
-    parser.add_argument("--vp", type=Path, help="a VP drafter checkpoint of the same cache: also replay D2SD")
+    parser.add_argument("--vp", type=Path, help="a VP drafter checkpoint or run of the same cache: also replay D2SD")
     parser.add_argument("--k", type=int, default=4, help="D2SD branches besides the DFlash draft")
     parser.add_argument("--max-samples", type=int, help="replay only the first N samples of the shards")
     parser.add_argument("--out", type=Path, help="output directory (default: the checkpoint directory)")

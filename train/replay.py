@@ -200,23 +200,25 @@ def summarise(records: list[dict], block: int, method: str = "dflash") -> dict[s
     return out
 
 
-def sample_has_images(reader, sample_id: int) -> bool:
+def sample_meta(reader, sample_id: int) -> tuple[str, bool]:
+    """(key, has images) of a cached sample, from its shard's meta alone."""
     shard, local = reader.locate(sample_id)
     meta = reader.metas(shard)[local]
     if "num_image_tokens" not in meta:
         raise ValueError(f"shard {shard}, sample {local}: meta has no num_image_tokens")
-    return int(meta["num_image_tokens"]) > 0
+    return meta["key"], int(meta["num_image_tokens"]) > 0
 
 
 def replay_records(dataset, indices, dflash: Drafting, vp: Drafting | None = None, k: int = 4,
                    progress: bool = False) -> list[dict]:
+    """Per sample of `dataset` (a `train.data.CacheDataset`) at `indices`: sample_id, key, images and the walks."""
     from tqdm import tqdm
 
     records = []
     for i in tqdm(indices, desc="replay", unit="sample", disable=not progress):
         sample = dataset[i]
-        records.append({"sample_id": int(sample["sample_id"]),
-                        "images": sample_has_images(dataset.reader, int(sample["sample_id"])),
+        key, images = sample_meta(dataset.reader, int(sample["sample_id"]))
+        records.append({"sample_id": int(sample["sample_id"]), "key": key, "images": images,
                         **replay_sample(dflash, sample, vp, k)})
     return records
 
