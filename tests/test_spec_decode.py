@@ -13,7 +13,7 @@ from PIL import Image
 
 from cache_schema import CacheReader
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
-from extract.regenerate import encode, generate
+from extract.regenerate import generate
 from extract.run import run as extract
 from extract.target import Target, load_target
 from tools.spec_decode import last_prompt, run, shard_conversations
@@ -132,8 +132,7 @@ def test_text_target_with_random_drafters_is_lossless(tiny_targets, demo_shards)
     prompts = [last_prompt(target, c, gen) for c in list(shard_conversations(str(demo_shards[1])))[:4]]
     for vp in (None, drafting[1]):
         spec = Speculator(target, drafting[0], layers, "sequential", "fp8_e4m3", vp=vp, k=3)
-        for text, images in prompts:
-            batch = encode(target, [text], [images])
+        for batch in prompts:
             (reference,), _ = generate(target, batch, MAX_NEW)
             out = spec.decode(batch, MAX_NEW)
             assert out.tokens == reference

@@ -68,9 +68,9 @@ def file_conversations(path: Path):
             raise ValueError(f"{path}: sample {i}: {skip}") from skip
 
 
-def last_prompt(target: Target, conv: Conversation, gen: dict) -> tuple[str, list] | SkipSample:
-    """The last assistant turn's prompt text and images, earlier assistant turns regenerated as extraction
-    regenerates them (the same functions)."""
+def last_prompt(target: Target, conv: Conversation, gen: dict) -> dict | SkipSample:
+    """The last assistant turn's prompt, encoded (batch of 1), earlier assistant turns regenerated as extraction
+    regenerates them (the same functions); skipped where extraction skips it."""
     def render_msgs(messages, gen_prompt):
         return render(target, messages, gen_prompt, gen.get("system_prompt"), gen.get("enable_thinking"))
 
@@ -83,7 +83,11 @@ def last_prompt(target: Target, conv: Conversation, gen: dict) -> tuple[str, lis
         return SkipSample("history_truncated", "an earlier turn hit max_new_tokens: extraction ends the "
                           "conversation there")
     msgs = _history(conv, last, [_answer_text(target, a) for a in dialog.answers])
-    return render_msgs(msgs, True), _images_in(msgs, conv)
+    batch = encode(target, [render_msgs(msgs, True)], [_images_in(msgs, conv)])
+    if batch["input_ids"].shape[1] > gen["max_length"]:
+        return SkipSample("too_long", f"prompt of {batch['input_ids'].shape[1]} tokens > max_length "
+                          f"{gen['max_length']}")
+    return batch
 
 
 def check_target(target: Target, manifest: dict, where: str) -> None:
@@ -140,12 +144,11 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     for conv in convs:
         if max_prompts is not None and len(rows) >= max_prompts:
             break
-        prompt = last_prompt(target, conv, gen)
-        if isinstance(prompt, SkipSample):
-            skipped[prompt.reason] += 1
-            log.warning("skipped %s: %s", conv.key, prompt)
+        batch = last_prompt(target, conv, gen)
+        if isinstance(batch, SkipSample):
+            skipped[batch.reason] += 1
+            log.warning("skipped %s: %s", conv.key, batch)
             continue
-        batch = encode(target, [prompt[0]], [prompt[1]])
         _sync(device)
         t0 = time.perf_counter()
         (reference,), _ = generate(target, batch, gen["max_new_tokens"])
