@@ -13,6 +13,7 @@ from cache_schema import CacheWriter
 from tests.helpers import make_manifest, make_sample, write_target_files
 from train.config import DrafterConfig
 from train.evaluate import main as evaluate_main
+from train.loop import train
 from train.model import Drafter
 from train.replay import (Cycles, Drafting, accepted_lengths, branch_points, matched, replay_sample, spans,
                           summarise, walk)
@@ -142,6 +143,13 @@ def test_d2sd_equals_naive_branches_and_never_accepts_less_at_an_anchor(seed, k)
     assert (acc["d2sd"] > acc["dflash"]).any()  # some branch wins somewhere, so the branches are exercised
 
 
+def test_d2sd_refuses_drafters_of_different_block_sizes():
+    d, v = tiny_drafter(0), tiny_drafter(1, block=BLOCK + 1)
+    with pytest.raises(ValueError, match="block sizes"):
+        replay_sample(Drafting.of(d, d.lm_head_VH, BLOCK, MASK), random_sample(0),
+                      Drafting.of(v, v.lm_head_VH, BLOCK + 1, MASK))
+
+
 def test_branch_points_rank_likely_first_rejections():
     conf = torch.tensor([[0.9, 0.5, 0.99, 0.2], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     # r = [0.1, 0.45, 0.0045, 0.3564]; an all-certain draft ties at 0 and keeps the lower slots.
@@ -213,8 +221,6 @@ def write_cache(root: Path, seed: int = 0) -> str:
 
 
 def train_run(url, run_dir, mode):
-    from train.loop import train
-
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["setup=tiny", f"data.cache={url}", "drafter.mask_token_id=63",
                                           "drafter.block_size=4", f"objective.mode={mode}", "optim.max_steps=40",
@@ -267,7 +273,8 @@ def test_cli_writes_table_json_and_png_for_dflash_and_d2sd(runs, tmp_path, capsy
     assert again["shards"] == ["shard-000"] and again["samples"] == 2 and "d2sd" not in again
 
 
-@pytest.mark.parametrize("args, message", [(["--shards", "shard-009"], "shard-009"), (["--k", "0"], "--k")])
+@pytest.mark.parametrize("args, message", [(["--shards", "shard-009"], "shard-009"), (["--k", "0"], "--k"),
+                                           (["--max-samples", "0"], "--max-samples")])
 def test_cli_refuses_bad_arguments_naming_them(runs, tmp_path, args, message):
     url, ckpt, _ = runs
     with pytest.raises(ValueError, match=message):

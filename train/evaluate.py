@@ -53,6 +53,8 @@ def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = Non
              backend: str = "dense", progress: bool = True) -> dict:
     if k < 1:
         raise ValueError(f"--k={k} must be >= 1")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples={max_samples} must be >= 1")
     ckpt_path = resolve_checkpoint(ckpt_path)
     if not (ckpt_path / "config.json").exists():
         raise ValueError(f"{ckpt_path} is not a drafter checkpoint (no config.json)")
@@ -64,6 +66,9 @@ def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = Non
     if vp_path is not None:
         vp_path = resolve_checkpoint(vp_path)
         vp_ckpt, vp = load(vp_path, reader, head, device, backend)
+        if vp_ckpt.drafter.block_size != ckpt.drafter.block_size:
+            raise ValueError(f"--vp {vp_path}: drafter.block_size={vp_ckpt.drafter.block_size} but the DFlash "
+                             f"drafter's is {ckpt.drafter.block_size}; D2SD branches replace slots of one block")
         if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
             raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
                              f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
