@@ -87,7 +87,6 @@ _VARIANTS = {
 TEMPLATES = tuple(_VARIANTS)
 FAMILY_TEMPLATE = {"qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl", "qwen3_5": "qwen3_5",
                    "qwen3_5_moe": "qwen3_5", "qwen3": "qwen3"}
-THINKING_SWITCH = ("qwen3", "qwen3_5")  # templates that read enable_thinking
 
 
 def chat_template(name: str) -> str:
