@@ -1,5 +1,6 @@
 """Run by tests/test_train_loop.py under `accelerate launch`: trains through `train.loop.train` unchanged and
-records, per rank, the sample ids of every training batch it consumed and a digest of its final weights.
+records, per rank, the epoch and sample ids of every training batch it consumed and a digest of its final
+weights.
 
     accelerate launch ... tests/ddp_probe.py OUT_DIR HYDRA_OVERRIDE...
 """
@@ -34,9 +35,9 @@ def main() -> None:
     seen, prepared = [], []
     real_stream, real_prepare = loop.batch_stream, Accelerator.prepare
 
-    def stream(*args, **kwargs):
-        for batch in real_stream(*args, **kwargs):
-            seen.append(batch["sample_ids"].tolist())
+    def stream(dataset, cfg, state, *args):
+        for batch in real_stream(dataset, cfg, state, *args):
+            seen.append([state.epoch, batch["sample_ids"].tolist()])
             yield batch
 
     def prepare(self, *args):
