@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from cache_schema import CacheWriter
 from tests.helpers import make_manifest, make_sample, write_target_files
 from train.config import DrafterConfig
+from train.evaluate import evaluate
 from train.evaluate import main as evaluate_main
 from train.loop import train
 from train.model import Drafter
@@ -198,11 +199,11 @@ def test_spans_are_maximal_supervised_runs():
 
 # --- the CLI on a cache written through the cache writer, with drafters trained on it --------------------------
 
-def write_cache(root: Path, seed: int = 0) -> str:
+def write_cache(root: Path, seed: int = 0, **manifest_kw) -> str:
     """Two shards of counting sequences (next token = this one + 1 mod 8, so a few steps learn to draft them),
     two supervised turns each, every other sample with image tokens."""
     url = str(root / "cache")
-    manifest = make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=64)
+    manifest = make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=64, **manifest_kw)
     writer = CacheWriter(url, manifest)
     torch.manual_seed(seed)  # the random target head: the same whatever ran before
     write_target_files(writer, root)
@@ -279,3 +280,13 @@ def test_cli_refuses_bad_arguments_naming_them(runs, tmp_path, args, message):
     url, ckpt, _ = runs
     with pytest.raises(ValueError, match=message):
         evaluate_main([str(ckpt), "--out", str(tmp_path), "--no-progress", *args])
+
+
+def test_cli_judges_on_another_storage_of_the_target_but_refuses_another_target(runs, tmp_path):
+    url, ckpt, _ = runs
+    fp8 = write_cache(tmp_path / "fp8", hidden_dtype="fp8_e4m3")
+    result = evaluate(ckpt, cache=fp8, out=tmp_path / "fp8-eval", progress=False)
+    assert result["cache"] == fp8 and result["dflash"]["all"]["cycles"] > 0
+    other = write_cache(tmp_path / "other", name="another-target")
+    with pytest.raises(ValueError, match="target.name_or_path"):
+        evaluate(ckpt, cache=other, out=tmp_path / "other-eval", progress=False)

@@ -18,17 +18,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from cache_schema import CacheReader, Manifest  # noqa: E402
-from cache_schema.layout import check_compatible  # noqa: E402
 from train.checkpoint import load_drafter  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
 from train.export import resolve_checkpoint  # noqa: E402
 from train.replay import GROUPS, Drafting, replay_records, summarise  # noqa: E402
 
 
+# What a drafter needs of a cache it is judged on; storage (bf16/fp8) and generation settings may differ, e.g. a
+# drafter trained on an fp8 cache replayed on bf16 states, or one trained on dataset answers on the target's own.
+SAME_FOR_REPLAY = ("target", "target_layer_ids", "layer_convention", "tokenizer_fingerprint")
+
+
 def load(path: Path, reader: CacheReader, head: dict, device, backend: str):
     ckpt = load_drafter(path, head["embed_tokens"], head["lm_head"])
-    check_compatible(reader.manifest, Manifest.from_dict(ckpt.manifest, where=f"{path}/cache_manifest.json"),
-                     where=f"cache {reader.loc.url} for drafter {path}")
+    trained = Manifest.from_dict(ckpt.manifest, where=f"{path}/cache_manifest.json")
+    bad = [k for k in reader.manifest.mismatches(trained) if k.split(".")[0] in SAME_FOR_REPLAY]
+    if bad:
+        raise ValueError(f"drafter {path} was trained on another target than cache {reader.loc.url}: differing "
+                         f"keys {bad}")
     ckpt.model.to(device)
     return ckpt, Drafting.from_checkpoint(ckpt, backend)
 
