@@ -81,9 +81,9 @@ class Drafting:
                                  gamma=1.0)
             mask = build_mask(anchors, length, T, B, self.backend)
             h = self.model(hidden, pos_T[None], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
-            h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1)
+            h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1).to(self.head_VH.dtype)  # logits in fp32 at least
             for r in range(0, h_RH.shape[0], self.logit_rows):
-                logits = (h_RH[r:r + self.logit_rows] @ self.head_VH.T).to(self.head_VH.dtype)
+                logits = h_RH[r:r + self.logit_rows] @ self.head_VH.T
                 best = logits.max(-1)
                 confs.append(torch.exp(best.values - torch.logsumexp(logits, -1)))
                 tokens.append(best.indices)
