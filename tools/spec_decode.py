@@ -33,8 +33,9 @@ from train.replay import Drafting
 log = logging.getLogger("spec_decode")
 
 
-def shard_conversations(spec: str, fmt: str = "auto"):
-    skips = Counter()
+def shard_conversations(spec: str, skips: Counter | None = None, fmt: str = "auto"):
+    """Conversations of every shard; bad samples are logged and counted in `skips`."""
+    skips = Counter() if skips is None else skips
     for url in expand_shards(spec):
         yield from conversations(url, fmt, skips, lambda key, skip: log.warning("skipped %s: %s", key, skip))
 
@@ -138,8 +139,8 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         gen["max_new_tokens"] = max_new_tokens
     if gen.get("max_new_tokens", 0) < 1:
         raise ValueError(f"--max-new-tokens={gen.get('max_new_tokens')} must be >= 1")
-    convs = shard_conversations(shards) if shards else file_conversations(prompts)
     rows, skipped = [], Counter()
+    convs = shard_conversations(shards, skipped) if shards else file_conversations(prompts)
     bar = tqdm(total=max_prompts, unit="prompt", desc="spec_decode", disable=not progress)
     for conv in convs:
         if max_prompts is not None and len(rows) >= max_prompts:
