@@ -239,6 +239,19 @@ def test_failed_pipe_is_an_incomplete_shard(tmp_path, command):
     assert e.value.reason in ("unreadable", "truncated") and e.value.url.startswith("pipe:")
 
 
+def test_fsspec_url_reads_and_a_cut_one_is_incomplete(tmp_path):
+    """Schemes webdataset cannot open (s3://, memory://) go through fsspec, with the same end-of-archive check."""
+    import fsspec
+
+    whole = write_tar(tmp_path / "x.tar", [m for k in "abc" for m in text_sample(k)]).read_bytes()
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/integrity/whole.tar", whole)
+    fs.pipe_file("/integrity/cut.tar", whole[:member_ends(tmp_path / "x.tar")[1]])
+    assert read_all("memory://integrity/whole.tar")[0] == ["a", "b", "c"]
+    with pytest.raises(IncompleteShard, match="memory://integrity/cut.tar: truncated"):
+        read_all("memory://integrity/cut.tar")
+
+
 def test_same_shard_listed_twice_is_one_shard(tmp_path, monkeypatch):
     write_tar(tmp_path / "a.tar", text_sample("a"))
     write_tar(tmp_path / "b.tar", text_sample("b"))
