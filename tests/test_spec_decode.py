@@ -174,3 +174,29 @@ def test_a_branch_is_verified_only_when_it_can_beat_the_best():
     assert not may_beat(torch.tensor([5, 6, 4, 8]), 2, greedy)  # rejected where the draft was
     assert not may_beat(torch.tensor([5, 3, 7, 8]), 2, greedy)  # rejected earlier
     assert not may_beat(torch.tensor([5, 6, 7, 8]), 4, greedy)  # the draft was accepted whole
+
+
+@pytest.mark.parametrize("source", ["sequential", "mrope_axis0"])
+def test_positions_after_images_continue_as_in_the_whole_sequence(tiny_targets, demo_shards, source):
+    """The target's positions for verified blocks and the drafter's positions both equal what the whole
+    sequence (prompt with two images, then the answer) gets from the model's own get_rope_index, which is what
+    extraction caches and training reads."""
+    target = load_target(str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu")
+    head = target.head_tensors()
+    V, H = head["lm_head"].shape
+    drafter = Drafting.of(random_drafter(H, V, [2, 4, 5], 4, V - 1, 0), head["lm_head"], 4, V - 1)
+    spec = Speculator(target, drafter, [2, 4, 5], source, "bf16")
+    conv = next(c for c in shard_conversations(str(demo_shards[0])) if len(c.images) == 2)
+    batch = last_prompt(target, conv, {"max_new_tokens": MAX_NEW, "max_length": 4096})
+    P, answer = batch["input_ids"].shape[1], torch.arange(10, 22)[None]
+    whole = {**batch, "input_ids": torch.cat([batch["input_ids"], answer], 1),
+             "attention_mask": torch.ones(1, P + 12, dtype=torch.long),
+             "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros_like(answer)], 1)}
+    want = target.position_ids(whole)[:, 0]  # [3, P + 12]
+    delta = int(target.position_ids(batch).max()) + 1 - P
+    assert delta < 0  # the images take fewer positions than tokens: a plain index would be wrong
+    got = spec.step_inputs(answer[0, 4:].tolist(), P + 4, delta)["position_ids"]
+    torch.testing.assert_close(got[1:, 0], want[:, P + 4:])  # M-RoPE axes, as generate feeds them
+    torch.testing.assert_close(got[0, 0], torch.arange(P + 4, P + 12))  # the text (cache) positions
+    drafter_pos = spec.drafter_positions(0, P + 12, want[0, :P], delta)[0]
+    torch.testing.assert_close(drafter_pos, want[0] if source == "mrope_axis0" else torch.arange(P + 12))

@@ -95,7 +95,7 @@ class Speculator:
         rounded = self.codec.decode(*self.codec.encode(hidden_TLH))
         return logits.argmax(-1).cpu(), rounded[None].to(self.device), out.past_key_values
 
-    def _step_inputs(self, ids: list[int], start: int, delta: int) -> dict:
+    def step_inputs(self, ids: list[int], start: int, delta: int) -> dict:
         """Tokens at sequence positions start.. with the position ids `generate` would give them: text positions,
         and for M-RoPE targets the same shifted by the prompt's rope delta on every axis."""
         dev = self.target.device
@@ -106,7 +106,7 @@ class Speculator:
 
     # --- the drafter
 
-    def _drafter_positions(self, start: int, n: int, axis0_P: torch.Tensor, delta: int) -> torch.Tensor:
+    def drafter_positions(self, start: int, n: int, axis0_P: torch.Tensor, delta: int) -> torch.Tensor:
         t = torch.arange(start, start + n)
         if self.position_source == "sequential":
             return t[None].to(self.device)
@@ -157,11 +157,11 @@ class Speculator:
         B = self.dflash.block
         while out.tokens[-1] not in eos and len(out.tokens) < max_new_tokens:
             n = P + len(out.tokens)  # sequence length; the last token's hidden state does not exist yet
-            ctx_pos = self._drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
+            ctx_pos = self.drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
             for drafting, cache in zip((self.dflash, self.vp), caches):
                 drafting.model.extend_context(cache, new_hidden, ctx_pos)
             last = out.tokens[-1]
-            pos_B = self._drafter_positions(n - 1, B, axis0, delta)
+            pos_B = self.drafter_positions(n - 1, B, axis0, delta)
             block = torch.full((1, B), self.dflash.mask_id, dtype=torch.long)
             block[0, 0] = last
             first, conf = self._draft(self.dflash, caches[0], block, pos_B)
@@ -174,7 +174,7 @@ class Speculator:
                     continue
                 if best is not None:
                     _cut(kv, n - 1)
-                greedy, hidden, _ = self._forward(self._step_inputs([last, *draft.tolist()], n - 1, delta), kv)
+                greedy, hidden, _ = self._forward(self.step_inputs([last, *draft.tolist()], n - 1, delta), kv)
                 out.forwards += 1
                 a = int(torch.cumprod((draft == greedy[:-1]).long(), 0).sum())
                 # A branch verified after the first matched past the earlier best's rejection, so the last one
