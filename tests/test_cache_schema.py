@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_schema import (CacheCorruptionError, CacheReader, CacheWriter, IncompatibleCacheError, verify)
+from cache_schema import CacheCorruptionError, CacheError, CacheReader, CacheWriter, IncompatibleCacheError, verify
 from cache_schema.codecs import bf16_to_words
 from cache_schema.storage import Location
 from helpers import make_manifest, make_sample, write_target_files
@@ -184,7 +184,7 @@ def test_cache_from_another_target_is_refused(cache_url):
 
 def test_committed_shard_is_never_rewritten(cache_url):
     write_cache(cache_url, make_manifest(), lengths=[5, 6], shards=1)
-    with pytest.raises(Exception, match="already committed"):
+    with pytest.raises(CacheError, match="already committed"):
         CacheWriter(cache_url, make_manifest()).shard("shard-000")
 
 

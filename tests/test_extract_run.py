@@ -12,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -19,6 +20,7 @@ from cache_schema import CacheReader
 from cache_schema.codecs import bf16_to_words
 from extract.config import ExtractConfig
 from extract.run import run
+from extract.target import check_layer_ids, default_layer_ids
 from helpers import extract_config as config
 from tools.demo_shards import write_shards
 
@@ -192,17 +194,27 @@ def test_converters_json_and_datasets(tmp_path, tiny_targets):
     assert images == {"one": 1, "two": 2, "three": 0, "hf1": 1}
 
 
+# Published decoder depth and deepstack layer count of each named target (the tiny one is ours).
+TARGET_SHAPES = {"qwen3vl8b": (36, 3), "qwen3vl30b": (48, 3), "qwen35_9b": (32, 0), "qwen35_35b": (40, 0),
+                 "qwen36_35b": (40, 0), "qwen3_8b": (36, 0), "tiny": (8, 2)}
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "target").glob("*.yaml")))
-def test_every_target_config_composes(name):
+def test_every_target_config_composes_with_the_documented_layer_ids(name):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("extract", overrides=[f"target={name}", "out=x", "data.shards=y"])
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, ExtractConfig) and obj.target.path and obj.target.model_type
+    layers, deepstack = TARGET_SHAPES[name]
+    n = len(obj.target.layer_ids)
+    # DESIGN.md's rule: spread from the first layer after the deepstack ones to L-3, never the last layer.
+    assert obj.target.layer_ids == default_layer_ids(layers, n, start=max(1, deepstack))
+    check_layer_ids(obj.target.layer_ids, layers, deepstack)
 
 
 def test_wrong_config_key_is_refused():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        with pytest.raises(Exception, match="generation.max_new_token"):
+        with pytest.raises(ConfigCompositionException, match="generation.max_new_token"):
             compose("extract", overrides=["generation.max_new_token=3"])
 
 

@@ -41,5 +41,6 @@ def first_unused_token(reader: CacheReader) -> int:
         if not reader.loc.fs.exists(src):
             raise ValueError(f"drafter.mask_token_id is null and cache {reader.loc.url} has no {TOKENIZER_DIR}/ to "
                              "derive it from; set drafter.mask_token_id")
+        reader.check_tokenizer()  # a damaged tokenizer file would resolve a wrong mask id
         reader.loc.fs.get(src.rstrip("/") + "/", tmp + "/", recursive=True)
         return len(AutoTokenizer.from_pretrained(tmp))

@@ -93,8 +93,8 @@ def train(cfg: TrainConfig) -> TrainState:
     train_set = CacheDataset(reader, train_shards, drafter.position_source)
     eval_set = CacheDataset(reader, eval_shards, drafter.position_source)
     if accelerator.is_main_process:
-        print(f"cache {reader.loc.url}: training on {len(train_shards)} shards ({len(train_set)} samples), "
-              f"evaluating on {len(eval_shards)} ({len(eval_set)} samples)", flush=True)
+        print(f"{reader.describe()}\ntraining on {len(train_shards)} shards ({len(train_set)} samples), evaluating "
+              f"on {len(eval_shards)} ({len(eval_set)} samples)", flush=True)
     draft_ids = None
     if cfg.objective.draft_vocab_size:
         draft_ids = draft_vocab(torch.as_tensor(reader.token_frequencies()), cfg.objective.draft_vocab_size)
