@@ -102,17 +102,24 @@ def test_labels_cover_exactly_the_canonical_answers_and_end_of_turn():
 
 def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     settings = lt.Settings(train_samples=64, steps=10, batch_size=8, lr=1e-2, warmup=2, eval_samples=3, threads=1)
-    report = lt.build(tmp_path, settings, progress=False)
+    built = lt.ensure(tmp_path, settings, progress=False)
+    assert built == tmp_path / f"learned-target-{settings.key()}" and not list(tmp_path.glob("*.partial"))
+    report = json.loads((built / "accuracy.json").read_text())
     losses = report["losses"]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
-    assert json.loads((tmp_path / "accuracy.json").read_text())["turns"] == report["turns"] > 0
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model")
-    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    assert report["turns"] > 0 and 0 <= report["exact_match"] <= 1
+    stamp = (built / "accuracy.json").stat().st_mtime_ns
+    assert lt.ensure(tmp_path, settings, progress=False) == built  # reused, not rebuilt
+    assert (built / "accuracy.json").stat().st_mtime_ns == stamp
+    model = AutoModelForImageTextToText.from_pretrained(built / "model")
+    processor = AutoProcessor.from_pretrained(built / "model")
     assert model.config.model_type == "qwen3_vl" and model.config.vision_config.deepstack_visual_indexes
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    sample = scenes.samples("heldout", 1, seed=9)[0]
-    text = processor.apply_chat_template(lt.chat(sample), tokenize=False)
-    assert "<|vision_start|><|image_pad|><|vision_end|>" in text or not sample.images
+    # The loaded checkpoint answers the held-out prompts exactly as the trained model did.
+    again = lt.evaluate(model, processor, scenes.samples("heldout", settings.eval_samples, settings.seed),
+                        progress=False)
+    assert again["examples"] == report["examples"]
+
 
 def test_bad_settings_are_refused_with_the_key_to_change():
     with pytest.raises(ValueError, match="steps=0"):
