@@ -157,7 +157,8 @@ def train(model, items: list[dict], settings: Settings, pad_id: int, progress: b
     def lr_at(step):
         if step < settings.warmup:
             return (step + 1) / settings.warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - settings.warmup) / max(1, settings.steps - settings.warmup)))
+        done = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
@@ -178,13 +179,10 @@ def train(model, items: list[dict], settings: Settings, pad_id: int, progress: b
     return losses
 
 
-def turn_prompts(sample: scenes.Sample) -> list[tuple[str, str, str]]:
-    """(task, prompt text up to turn t with canonical history, canonical answer) for every turn."""
+def turn_prompts(sample: scenes.Sample) -> list[tuple[str, list[dict], str]]:
+    """Per turn: (task, the messages up to its question with canonical history, its canonical answer)."""
     messages = chat(sample)
-    out = []
-    for t, turn in enumerate(sample.turns):
-        out.append((turn["task"], messages[:2 * t + 1], turn["canonical"]))
-    return out
+    return [(turn["task"], messages[:2 * t + 1], turn["canonical"]) for t, turn in enumerate(sample.turns)]
 
 
 @torch.no_grad()
@@ -249,13 +247,17 @@ def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> 
              for it in encode(processor, train_set[i:i + 64])]
     t_data = time.perf_counter() - t0
     model = new_model(processor, settings.seed)
+    cpu0 = time.process_time()
     losses = train(model, items, settings, pad_id, progress)
     t_train = time.perf_counter() - t0 - t_data
+    # CPU seconds over all threads: on a shared machine this, not the wall time, says what training costs.
+    cpu_train = time.process_time() - cpu0
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     report = evaluate(model, processor, held_out, progress=progress)
     report.update(settings=asdict(settings), key=settings.key(), data_seconds=round(t_data, 1),
-                  train_seconds=round(t_train, 1), eval_seconds=round(time.perf_counter() - t0 - t_data - t_train, 1),
+                  train_seconds=round(t_train, 1), train_cpu_seconds=round(cpu_train, 1),
+                  eval_seconds=round(time.perf_counter() - t0 - t_data - t_train, 1),
                   final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=[round(x, 4) for x in losses],
                   train_tokens=sum(len(it["input_ids"]) for it in items),
                   checkpoint_mb=round(dir_mb(out / "model"), 2))

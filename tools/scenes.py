@@ -1,8 +1,7 @@
 """A synthetic image-text task whose answers depend on the image: scenes of coloured shapes and digits.
 
 A scene is a 64x64 picture cut into a 2x2 grid of 32-pixel cells (one cell = one merged Qwen3-VL image token
-at patch 16, merge 2), with one to four distinct objects in distinct cells. (A 3x3 grid of 96x96 pictures was
-not learned within the CPU training budget: the tiny model did not yet read the image after 600 steps.) Questions ask for a description,
+at patch 16, merge 2), with one to four distinct objects in distinct cells. Questions ask for a description,
 counts, what is where, where something is, and which digits appear; over one image, two images, several
 turns, or no image at all (a little text-only chat).
 
