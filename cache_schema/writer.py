@@ -84,13 +84,15 @@ class CacheWriter:
         sample (within or across shards) are counted, since they usually mean an input was listed twice.
         """
         reader = CacheReader(self.loc.url)
-        skipped = Counter()
+        skipped, turns = Counter(), Counter()
         for marker in reader.markers.values():
             skipped.update(marker.get("skipped", {}))
+            turns.update(marker.get("turns", {}))
         keys = Counter(meta["key"] for shard in reader.shards for meta in reader.metas(shard))
         repeated = sorted(k for k, n in keys.items() if n > 1)
         summary = {**reader.stats, "shard_samples": {s: m["samples"] for s, m in reader.markers.items()},
-                   "skipped": dict(sorted(skipped.items())), "duplicate_keys": len(repeated),
+                   "skipped": dict(sorted(skipped.items())), "turns": dict(sorted(turns.items())),
+                   "duplicate_keys": len(repeated),
                    "duplicate_key_examples": repeated[:10], **run}
         self.loc.write_json_atomic(summary, SUMMARY)
         return summary

@@ -39,6 +39,9 @@ class GenerationConfig:
     regenerate: bool = True  # false keeps the dataset's own answers
     max_new_tokens: int = 1024
     batch_size: int = 8
+    # false leaves earlier assistant turns unsupervised (only the last turn is the target's own tokens; thinking
+    # templates also strip earlier turns' reasoning): see docs/decisions.md
+    supervise_history: bool = True
 
 
 @dataclass

@@ -55,7 +55,7 @@ def encode(target: Target, texts: list[str], images: list[list]) -> dict:
     return dict(target.processor(texts, padding=True, padding_side="left", return_tensors="pt"))
 
 
-def _history(conv: Conversation, upto: int, answers: list[str]) -> list[dict]:
+def history_messages(conv: Conversation, upto: int, answers: list[str]) -> list[dict]:
     """Messages before message index `upto`, earlier assistant turns replaced by their regenerations."""
     out, a = [], 0
     for m in conv.messages[:upto]:
@@ -66,7 +66,7 @@ def _history(conv: Conversation, upto: int, answers: list[str]) -> list[dict]:
     return out
 
 
-def _images_in(messages: list[dict], conv: Conversation) -> list:
+def images_in(messages: list[dict], conv: Conversation) -> list:
     n = sum(p["type"] == "image" for m in messages for p in m["content"])
     return conv.images[:n]
 
@@ -88,7 +88,7 @@ def generate(target: Target, batch: dict, max_new_tokens: int) -> tuple[list[lis
     return answers, truncated
 
 
-def _answer_text(target: Target, ids: list[int]) -> str:
+def answer_text(target: Target, ids: list[int]) -> str:
     if ids and ids[-1] in target.eos_ids:
         ids = ids[:-1]
     return target.tokenizer.decode(ids, skip_special_tokens=False)
@@ -111,7 +111,7 @@ def header_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[i
 
 
 @dataclass
-class _Dialog:
+class Dialog:
     """One conversation's regeneration so far."""
 
     conv: Conversation
@@ -125,14 +125,14 @@ class _Dialog:
         return self.skip is None and not self.truncated and len(self.answers) < len(self.conv.assistant_turns)
 
 
-def regenerate_turns(target: Target, dialogs: list[_Dialog], max_new_tokens: int, max_length: int,
+def regenerate_turns(target: Target, dialogs: list[Dialog], max_new_tokens: int, max_length: int,
                      render_msgs) -> None:
     """Generate the next turn of every open dialog, batched, until none is open."""
     while active := [d for d in dialogs if d.open]:
         for d in active:
-            msgs = _history(d.conv, d.conv.assistant_turns[len(d.answers)],
-                            [_answer_text(target, a) for a in d.answers])
-            d.prompt = (render_msgs(msgs, True), _images_in(msgs, d.conv))
+            msgs = history_messages(d.conv, d.conv.assistant_turns[len(d.answers)],
+                            [answer_text(target, a) for a in d.answers])
+            d.prompt = (render_msgs(msgs, True), images_in(msgs, d.conv))
         batch = encode(target, [d.prompt[0] for d in active], [d.prompt[1] for d in active])
         for d, n in zip(active, batch["attention_mask"].sum(-1).tolist()):
             if n > max_length:
@@ -173,7 +173,7 @@ def _assemble(target: Target, context: str, images: list, answer_ids: list[int],
     return _extend(inputs, answer_ids), spans
 
 
-def _regenerated(target: Target, d: _Dialog, suffix: str, supervise_history: bool,
+def _regenerated(target: Target, d: Dialog, suffix: str, supervise_history: bool,
                  max_length: int) -> Sequence | SkipSample:
     text, images = d.prompt
     out = _assemble(target, text, images, d.answers[-1], len(d.answers) - 1, suffix, supervise_history,
@@ -198,7 +198,7 @@ def _kept(target: Target, conv: Conversation, render_msgs, suffix: str, supervis
     start, end = chars[-1]
     answer_ids = target.tokenizer.encode(text[start:end - len(END)], add_special_tokens=False)
     answer_ids.append(target.special_tokens["im_end_id"])
-    out = _assemble(target, text[:start], _images_in(messages, conv), answer_ids, len(chars) - 1, suffix,
+    out = _assemble(target, text[:start], images_in(messages, conv), answer_ids, len(chars) - 1, suffix,
                     supervise_history, max_length)
     if isinstance(out, SkipSample):
         return out
@@ -221,7 +221,7 @@ def build_sequences(target: Target, convs: list[Conversation], regenerate: bool,
     suffix = prompt_suffix(render_msgs)
     if not regenerate:
         return [_kept(target, c, render_msgs, suffix, supervise_history, max_length) for c in convs]
-    dialogs = [_Dialog(c) for c in convs]
+    dialogs = [Dialog(c) for c in convs]
     regenerate_turns(target, dialogs, max_new_tokens, max_length, render_msgs)
     return [d.skip or _regenerated(target, d, suffix, supervise_history, max_length) for d in dialogs]
 

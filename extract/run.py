@@ -47,7 +47,7 @@ def make_manifest(cfg: ExtractConfig, config, tokenizer, layer_ids: list[int]) -
     generation = {"regenerate": cfg.generation.regenerate, "max_new_tokens": cfg.generation.max_new_tokens,
                   "max_length": cfg.data.max_length, "system_prompt": cfg.target.system_prompt,
                   "enable_thinking": cfg.target.enable_thinking, "target_dtype": cfg.target.dtype,
-                  "greedy": True}
+                  "supervise_history": cfg.generation.supervise_history, "greedy": True}
     return Manifest(target=info, target_layer_ids=layer_ids, storage=cfg.storage,
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), generation=generation,
                     special_tokens=special_token_ids(tokenizer))
@@ -123,16 +123,18 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
     for url in urls:
         name = output_shard_name(url)
         shard = writer.shard(name)
-        skips = Counter()
+        skips, turns = Counter(), Counter()
         try:
             for batch in batched(conversations(url, cfg.data.format, skips, on_skip), cfg.generation.batch_size):
                 results = build_sequences(target, batch, cfg.generation.regenerate, cfg.generation.max_new_tokens,
-                                          cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking)
+                                          cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking,
+                                          cfg.generation.supervise_history)
                 for conv, result in zip(batch, results):
                     if isinstance(result, SkipSample):
                         skips[result.reason] += 1
                         on_skip(conv.key, result)
                         continue
+                    turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns)
                     sample = capture(target, result, layer_ids)
                     shard.add(sample)
                     totals["captured_tokens"] += len(sample)
@@ -148,7 +150,7 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
             writer.loc.remove_shard(name)
             incomplete[url] = f"{e.reason}: {e.detail}"
             continue
-        shard.commit({"source": url, "skipped": dict(skips)})
+        shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
     bar.close()
     return incomplete
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -224,3 +225,27 @@ def test_invalid_layer_ids_are_refused_before_loading(tmp_path, tiny_targets, de
     with pytest.raises(ValueError, match="last layer"):
         run(cfg)
     assert not (tmp_path / "cache").exists()
+
+
+def test_supervise_history_off_keeps_only_the_last_turn_and_turn_counts_reach_the_summary(tmp_path, tiny_targets,
+                                                                                          demo_shards):
+    def run_with(out, supervise_history):
+        cfg = config(out, demo_shards[:1], tiny_targets / "qwen3_vl")
+        cfg.generation.supervise_history = supervise_history
+        return run(cfg), CacheReader(str(out))
+
+    summary, both = run_with(tmp_path / "all", True)
+    _, last = run_with(tmp_path / "last", False)
+    assert last.manifest.generation["supervise_history"] is False
+    multi = 0
+    for i in range(len(both)):
+        a, b = both[i], last[i]
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        spans = np.flatnonzero(np.diff(np.concatenate([[0], a.loss_mask.astype(int), [0]])) == 1)
+        # the last-turn-only mask is the full mask's last span, nothing else
+        assert b.loss_mask.sum() and b.loss_mask[:spans[-1]].sum() == 0
+        assert b.loss_mask[spans[-1]:].tolist() == a.loss_mask[spans[-1]:].tolist()
+        multi += len(spans) > 1
+    assert multi  # the shard has multi-turn samples whose history lost its supervision
+    cut = sum(both[i].meta["truncated_turns"] for i in range(len(both)))
+    assert summary["turns"].get("truncated", 0) == cut

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from extract.formats import Conversation, SkipSample, parse_sample
-from extract.regenerate import _answer_text, _Dialog, _history, _images_in, encode, generate, regenerate_turns, render
+from extract.regenerate import (Dialog, answer_text, encode, generate, history_messages, images_in, regenerate_turns,
+                                render)
 from extract.sources import conversations, expand_shards
 from extract.target import Target, config_fingerprint, load_target
 from tools.speculate import Speculator
@@ -76,15 +77,15 @@ def last_prompt(target: Target, conv: Conversation, gen: dict) -> dict | SkipSam
         return render(target, messages, gen_prompt, gen.get("system_prompt"), gen.get("enable_thinking"))
 
     last = conv.assistant_turns[-1]
-    dialog = _Dialog(Conversation(conv.key, conv.source, conv.messages[:last], conv.images))
+    dialog = Dialog(Conversation(conv.key, conv.source, conv.messages[:last], conv.images))
     regenerate_turns(target, [dialog], gen["max_new_tokens"], gen["max_length"], render_msgs)
     if dialog.skip:
         return dialog.skip
     if dialog.truncated:
         return SkipSample("history_truncated", "an earlier turn hit max_new_tokens: extraction ends the "
                           "conversation there")
-    msgs = _history(conv, last, [_answer_text(target, a) for a in dialog.answers])
-    batch = encode(target, [render_msgs(msgs, True)], [_images_in(msgs, conv)])
+    msgs = history_messages(conv, last, [answer_text(target, a) for a in dialog.answers])
+    batch = encode(target, [render_msgs(msgs, True)], [images_in(msgs, conv)])
     if batch["input_ids"].shape[1] > gen["max_length"]:
         return SkipSample("too_long", f"prompt of {batch['input_ids'].shape[1]} tokens > max_length "
                           f"{gen['max_length']}")

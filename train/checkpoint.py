@@ -69,6 +69,17 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = checkpoints(path)
+        if not found:
+            raise ValueError(f"run directory {path} holds no complete checkpoint")
+        return found[-1]
+    return path
+
+
 def find_resume(run_dir: Path, resume: str) -> Path | None:
     if resume == "never":
         return None

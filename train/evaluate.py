@@ -18,9 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from cache_schema import CacheReader, Manifest  # noqa: E402
-from train.checkpoint import load_drafter  # noqa: E402
+from train.checkpoint import load_drafter, resolve_checkpoint  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
-from train.export import resolve_checkpoint  # noqa: E402
 from train.replay import GROUPS, Drafting, replay_records, summarise  # noqa: E402
 
 

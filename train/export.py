@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.config import DrafterConfig
+from train.checkpoint import resolve_checkpoint
 
 FORMATS = ("speculators", "dflash")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -186,19 +187,6 @@ def draft_head(ckpt, cache: str | None) -> torch.Tensor:
     if want != got:
         raise ValueError(f"cache {url!r} holds target fingerprint {got!r}, the drafter was trained on {want!r}")
     return head
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
-    from train.checkpoint import checkpoints
-
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = checkpoints(path)
-        if not found:
-            raise ValueError(f"run directory {path} holds no complete checkpoint")
-        return found[-1]
-    return path
 
 
 def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype: str = "bfloat16") -> Path:
