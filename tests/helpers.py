@@ -30,7 +30,9 @@ def write_target_files(writer, tmp_path) -> dict:
     """Random head tensors and a two-file tokenizer folder, written through the writer; returns the head."""
     m = writer.manifest
     v, h = m.target.vocab_size, m.target.hidden_size
-    head = {"embed_tokens": torch.randn(v, h), "lm_head": torch.randn(v, h), "final_norm": torch.rand(h)}
+    g = torch.Generator().manual_seed(0)  # a fixed head, so tests that train on it do not depend on test order
+    head = {"embed_tokens": torch.randn(v, h, generator=g), "lm_head": torch.randn(v, h, generator=g),
+            "final_norm": torch.rand(h, generator=g)}
     tok = tmp_path / "tokenizer-src"
     (tok / "sub").mkdir(parents=True, exist_ok=True)
     (tok / "vocab.json").write_text('{"a": 0, "b": 1}')
