@@ -6,7 +6,7 @@ come from `tools/tiny_targets.py` (the real transformers classes, deepstack incl
 PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by the processor's own outputs for
 the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
 
-    python -m tools.learned_target OUT [--steps 600]
+    python -m tools.learned_target OUT [--steps 1800]
 
 writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
 OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
@@ -41,7 +41,7 @@ HEADER = "<|im_start|>assistant\n"
 class Settings:
     seed: int = 0
     train_samples: int = 6000
-    steps: int = 600
+    steps: int = 1800
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 30
