@@ -1,9 +1,13 @@
 """Small builders shared by tests: random cache samples and manifests."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from cache_schema import Manifest, Sample, StorageInfo, TargetInfo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=300, hidden_dtype="bf16", chunk_tokens=64,
@@ -49,3 +53,22 @@ def extract_config(out, shards, target_dir, **kw):
     return ExtractConfig(out=str(out), target=target,
                          data=InputConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
                          generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
+
+
+def compose_train(*overrides):
+    """The train config as `python -m train OVERRIDES` composes it (run_dir left for the caller)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    cfg.run_dir = "unused"  # hydra's runtime output dir only exists inside a real run
+    return OmegaConf.to_object(cfg)
+
+
+def tiny(cache, run_dir, *overrides):
+    """A short tiny-setup training run on `cache` into `run_dir`."""
+    cfg = compose_train("setup=tiny", f"data.cache={cache}", "optim.max_steps=12", "log_every=1", "save_every=4",
+                        "eval_every=6", "progress=false", "objective.num_anchors=16", *overrides)
+    cfg.run_dir = str(run_dir)
+    return cfg

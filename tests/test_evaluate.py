@@ -23,13 +23,7 @@ V, H, L, BLOCK, MASK = 8, 32, 3, 4, 7
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: extra threads only add synchronisation (tenfold on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_drafter(seed, block=BLOCK, **kw):

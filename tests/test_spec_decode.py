@@ -29,13 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: extra threads only add synchronisation (tenfold on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_drafter(hidden: int, vocab: int, layers: list[int], block: int, mask: int, seed: int) -> Drafter:

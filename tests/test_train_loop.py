@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 from extract.run import run as extract
+from helpers import compose_train, tiny
 from tools.plot_run import plot as plot_run
-from train.config import TrainConfig, validate
+from train.config import validate
 from train.objective import draft_vocab
 from train.data import token_budget_batches
 from train.loop import train
@@ -41,20 +41,6 @@ def cache(tmp_path_factory, tiny_targets, demo_shards):
                           generation=GenerationConfig(max_new_tokens=24, batch_size=8), progress=False))
     shutil.rmtree(target)  # training must not need it
     return tmp / "cache"
-
-
-def compose_train(*overrides) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    cfg.run_dir = "unused"  # hydra's runtime output dir only exists inside a real run
-    return OmegaConf.to_object(cfg)
-
-
-def tiny(cache, run_dir, *overrides) -> TrainConfig:
-    cfg = compose_train("setup=tiny", f"data.cache={cache}", "optim.max_steps=12", "log_every=1", "save_every=4",
-                        "eval_every=6", "progress=false", "objective.num_anchors=16", *overrides)
-    cfg.run_dir = str(run_dir)
-    return cfg
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -8,7 +8,7 @@ import torch
 from train.attention import build_mask
 from train.config import DrafterConfig
 from train.model import Drafter
-from train.objective import (Blocks, Objective, add_sums, block_stats, chunked_loss, draft_vocab, make_blocks,
+from train.objective import (Blocks, Objective, add_sums, block_stats, draft_vocab, make_blocks,
                              resolve_gamma, sample_anchors, sample_prefix, summarise)
 
 V, H, L, BLOCK, MASK = 97, 32, 3, 4, 96

@@ -1,49 +1,153 @@
-"""`make demo`: the whole pipeline on a tiny Qwen3-VL built from the real classes and generated shards.
+"""`make demo`: the whole pipeline on a tiny Qwen3-VL that has learned a synthetic image task.
 
-Every stage runs through its real command line, as a user would type it.
+Every stage runs through its real command line, as a user would type it: the learned target (built once and
+reused), task shards (training prompts and a held-out split used for evaluation only), `extract` (bf16, fp8 and
+dataset answers), `train` (DFlash and VP drafters), `train.evaluate` (offline replay and D2SD on the held-out
+cache), `tools.spec_decode` (online, against the target's own greedy output), `train.export` (both formats),
+then one table of what came out.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tools.demo_shards import write_shards
-from tools.tiny_targets import build_target
+from cache_schema import CacheReader
+from tools import learned_target, scenes
+from train.checkpoint import resolve_checkpoint
+
+# Built by `python -m tools.learned_target` (1800 steps, ~15 CPU-minutes) and committed, 2.1 MB, so that the
+# demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
+COMMITTED_TARGET = Path(__file__).parent / "assets" / "learned_target"
+# Sizes that keep the whole demo within about 15 minutes on 2 CPU cores (see BENCHMARKS.md).
+TRAIN_PROMPTS = 384
+HELDOUT_PROMPTS = 48
+DRAFTER_STEPS = 150
+MAX_NEW_TOKENS = 96
 
 
-def step(title: str, cmd: list[str], env: dict) -> None:
-    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env=env)
+def run_steps(jobs: list[tuple[str, list]], env: dict, logs: Path, timings: dict) -> None:
+    """Run the jobs side by side (one core each): the first one's output on the console, the others' in
+    `logs/TITLE.log`. Stops the demo, with the log's tail, if any job fails."""
+    logs.mkdir(parents=True, exist_ok=True)
+    running = []
+    for i, (title, cmd) in enumerate(jobs):
+        cmd = [str(c) for c in cmd]
+        log = None if i == 0 else logs / f"{title.replace(' ', '_')}.log"
+        print(f"\n=== {title}" + (f" (beside the above; output in {log})" if log else "") + f"\n$ {' '.join(cmd)}",
+              flush=True)
+        out = open(log, "w") if log else None
+        running.append((title, log, out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out
+                                                          else None), time.perf_counter()))
+    for title, log, out, proc, t0 in running:
+        code = proc.wait()
+        timings[title] = time.perf_counter() - t0
+        if out:
+            out.close()
+        if code:
+            tail = log.read_text()[-3000:] if log else ""
+            raise SystemExit(f"demo step '{title}' failed with exit code {code}\n{tail}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("work/demo"))
-    parser.add_argument("--samples", type=int, default=24, help="samples per input shard")
+    parser.add_argument("--steps", type=int, default=DRAFTER_STEPS, help="drafter training steps")
+    parser.add_argument("--target-dir", type=Path, default=COMMITTED_TARGET,
+                        help="a learned target built by tools.learned_target (default: the committed one)")
+    parser.add_argument("--rebuild-target", action="store_true",
+                        help="build the learned target from its generator instead (about 15 CPU-minutes, once)")
     args = parser.parse_args()
     work = args.work.resolve()
-    targets, shards, cache = work / "targets", work / "shards", work / "cache"
-    env = {**os.environ, "DFLASH_TINY_TARGETS": str(targets), "HF_HUB_OFFLINE": "1"}
-
-    print(f"=== building the tiny qwen3_vl target in {targets} and 3 webdataset shards in {shards}")
-    build_target("qwen3_vl", targets)
-    write_shards(shards, shards=3, samples=args.samples, seed=0)
-
     py = sys.executable
-    step("extract: greedy regeneration and hidden-state capture", [
-        py, "-m", "extract", "target=tiny", f"out={cache}", f"data.shards='{shards}/train-{{000000..000002}}.tar'",
-        "generation.max_new_tokens=48", f"hydra.run.dir={work}/logs/extract"], env)
-    step("inspect the cache", [py, "-m", "tools.inspect_cache", str(cache), "--verify", "--sample", "1",
-                               "--plot", str(work / "cache_lengths.png")], env)
-    # The target is not needed from here on: training reads the cache alone.
-    step("train a DFlash drafter from the cache", [
-        py, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={work}/run",
-        f"hydra.run.dir={work}/logs/train"], env)
-    step("plot the training curves", [py, "-m", "tools.plot_run", str(work / "run")], env)
-    print(f"\ndemo done: cache in {cache} (histograms: {work / 'cache_lengths.png'}); drafter checkpoints, "
-          f"metrics.jsonl and curves.png in {work / 'run'}")
+    # One intra-op thread: the tiny models' matmuls gain nothing from two, and two threads per process slow to a
+    # crawl as soon as anything else holds a core (measured 30x on extraction).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    t0 = time.perf_counter()
+    if args.rebuild_target:
+        print("=== building the learned target (reused while its generator and settings are unchanged)", flush=True)
+        target_dir = learned_target.ensure(work.parent / "learned-target")
+    else:
+        target_dir = args.target_dir
+    print(f"=== the learned target: {target_dir}", flush=True)
+    timings["learned target"] = time.perf_counter() - t0
+    model = target_dir / "model"
+    accuracy = json.loads((target_dir / "accuracy.json").read_text())
+    shards = work / "shards"
+    train_shards = scenes.write_task_shards(shards, "train", TRAIN_PROMPTS)
+    heldout_shards = scenes.write_task_shards(shards, "heldout", HELDOUT_PROMPTS)
+    spec = {split: ",".join(map(str, paths)) for split, paths in (("train", train_shards), ("heldout", heldout_shards))}
+
+    logs = work / "logs"
+
+    def run(*jobs):
+        run_steps(list(jobs), env, logs, timings)
+
+    def extract(name: str, split: str, *overrides) -> tuple[str, list]:
+        return (f"extract {name}", [py, "-m", "extract", "target=tiny", f"target.path={model}", f"out={work / name}",
+                                    f"data.shards='{spec[split]}'", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+                                    "generation.batch_size=16", f"hydra.run.dir={logs}/extract-{name}", *overrides])
+
+    def train(name: str, data: Path, *overrides) -> tuple[str, list]:
+        return (f"train {name}", [py, "-m", "train", "setup=tiny", f"data.cache={data}", f"run_dir={work / 'runs' / name}",
+                                  f"optim.max_steps={args.steps}", f"eval_every={args.steps // 3}",
+                                  f"save_every={args.steps // 3}", f"hydra.run.dir={logs}/train-{name}", *overrides])
+
+    cache, heldout, cache_fp8, cache_human = (work / n for n in ("cache", "cache-heldout", "cache-fp8", "cache-human"))
+    # Two cores: independent stages run in pairs, one thread each.
+    run(extract("cache", "train"), extract("cache-human", "train", "generation.regenerate=false"))
+    run(extract("cache-fp8", "train", "storage.hidden_dtype=fp8_e4m3"), extract("cache-heldout", "heldout"))
+    run(("inspect the cache", [py, "-m", "tools.inspect_cache", cache, "--verify", "--sample", "1", "--plot",
+                               work / "cache_lengths.png"]))
+    # The target is not needed from here on until speculative decoding: training reads the cache alone.
+    run(train("dflash", cache), train("vp", cache, "objective=vp"))
+    run(train("dflash-fp8", cache_fp8), train("dflash-human", cache_human))
+    runs = {name: work / "runs" / name for name in ("dflash", "vp", "dflash-fp8", "dflash-human")}
+    run(*[(f"plot {name}", [py, "-m", "tools.plot_run", path]) for name, path in runs.items()])
+
+    heldout_names = ",".join(CacheReader(str(heldout)).shards)
+
+    def evaluate(name: str, *extra) -> tuple[str, list]:
+        return (f"evaluate {name} offline on the held-out cache", [
+            py, "-m", "train.evaluate", runs[name], "--cache", heldout, "--shards", heldout_names, "--out",
+            work / "eval" / name, *extra])
+
+    online_dir = work / "spec_decode"
+    run(("speculative decoding online on the held-out prompts", [
+        py, "-m", "tools.spec_decode", "--target", model, "--drafter", resolve_checkpoint(runs["dflash"]),
+        "--shards", spec["heldout"], "--out", online_dir]), evaluate("dflash", "--vp", runs["vp"]))
+    run(evaluate("dflash-fp8"), evaluate("dflash-human"))
+    run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",
+                             work / "export" / fmt]) for fmt in ("speculators", "dflash")])
+    evals = {name: json.loads((work / "eval" / name / "eval.json").read_text())
+             for name in ("dflash", "dflash-fp8", "dflash-human")}
+    online = json.loads((online_dir / "spec_decode.json").read_text())
+
+    summary = json.loads((cache / "summary.json").read_text())
+    cache_bytes = sum(f.stat().st_size for f in (cache / "shards").rglob("*") if f.is_file())
+    rows = [
+        ("learned target held-out exact-match accuracy", f"{accuracy['exact_match']:.3f}"),
+        ("tau offline (DFlash, held-out, last turn)", f"{evals['dflash']['dflash']['last_turn']['tau']:.3f}"),
+        ("tau online (DFlash, held-out)", f"{online['tau']:.3f}"),
+        ("lossless (online == target greedy, all prompts)", "yes" if online["lossless"] else "NO"),
+        ("tau D2SD offline (DFlash + VP, k=4)", f"{evals['dflash']['d2sd']['last_turn']['tau']:.3f}"),
+        ("tau offline, drafter from the fp8 cache", f"{evals['dflash-fp8']['dflash']['last_turn']['tau']:.3f}"),
+        ("tau offline, drafter from dataset answers", f"{evals['dflash-human']['dflash']['last_turn']['tau']:.3f}"),
+        ("cache bytes per token (bf16)", f"{cache_bytes / summary['tokens']:.0f}"),
+        ("extraction time (train prompts, bf16, beside another)", f"{timings['extract cache']:.0f} s"),
+        ("whole demo", f"{time.perf_counter() - started:.0f} s"),
+        ("training time (DFlash, beside the VP drafter)", f"{timings['train dflash']:.0f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n=== demo results\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    (work / "results.json").write_text(json.dumps(dict(rows), indent=1))
+    print(f"\nwork in {work}: caches, runs/*/curves.png, eval/*/eval.png, spec_decode/, export/, results.json")
 
 
 if __name__ == "__main__":
