@@ -8,7 +8,7 @@ import webdataset as wds
 from cache_schema.codecs import bf16_to_words
 from extract.capture import capture
 from extract.formats import parse_sample
-from extract.regenerate import _answer_text, build_sequences, encode, render
+from extract.regenerate import answer_text, build_sequences, encode, render
 from extract.target import SUPPRESSED_TOKENS, check_layer_ids, default_layer_ids, load_target
 from tools.tiny_targets import FAMILIES
 
@@ -101,7 +101,7 @@ def test_multi_turn_history_uses_regenerated_answers(tiny_targets, convs):
     assert len(seq.answers) == 3  # the tiny qwen3_vl ends its turns by itself within the budget
     text = target.tokenizer.decode(seq.inputs["input_ids"][0])
     for answer in seq.answers[:-1]:
-        assert _answer_text(target, answer) in text
+        assert answer_text(target, answer) in text
     for original in (m for m in conv.messages if m["role"] == "assistant"):
         assert original["content"][0]["text"] not in text
 

@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 
 from extract.formats import Conversation, SkipSample, parse_sample
-from extract.regenerate import Sequence, _answer_text, build_sequences
+from extract.regenerate import Sequence, answer_text, build_sequences
 from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
 from extract.target import load_target
 from tools.tiny_targets import FAMILY_TEMPLATE, build_target
@@ -95,7 +95,7 @@ def test_supervised_spans_are_exactly_what_the_model_writes(family, template, th
             cut = seq.answers[-1][-1] not in target.eos_ids
             assert seq.truncated_turns == int(cut)
             assert seq.dropped_turns == len(answers) - len(seq.answers) and (cut or not seq.dropped_turns)
-            history = [_answer_text(target, x) for x in seq.answers[:-1]]
+            history = [answer_text(target, x) for x in seq.answers[:-1]]
             assert tok.decode(ids[:a]).endswith(HEADER + generation_prompt(template, thinking))
         else:  # the answer as the template shows it, encoded by itself as the model would write it
             answer = shown(template, answers[-1], last=True)
