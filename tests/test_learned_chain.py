@@ -18,9 +18,10 @@ from train.checkpoint import resolve_checkpoint
 from train.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured on this chain (seed 0, 80 steps, 12 held-out prompts): tau 2.5-2.9 depending on thread count; the
-# floor leaves room for other kernels while still failing a drafter that learned nothing (tau 1.0-1.3).
-TAU_FLOOR = 1.8
+# Measured on this chain (seed 0, 80 steps, 12 held-out prompts, one thread): tau 2.187 online and offline.
+# The floor leaves a quarter for other kernels and CPUs while still failing a drafter that learned nothing (tau
+# 1.0-1.2 on this task).
+TAU_FLOOR = 1.6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
