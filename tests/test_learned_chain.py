@@ -4,8 +4,6 @@ trained from the cache alone, offline replay and online speculative decoding on 
 The point is end to end: the drafter must be accepted (a tau floor) and decoding must stay lossless.
 """
 
-from pathlib import Path
-
 import pytest
 
 from extract.run import run as extract
@@ -17,7 +15,6 @@ from tools.spec_decode import run as spec_decode
 from train.checkpoint import resolve_checkpoint
 from train.evaluate import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 # Measured on this chain (seed 0, 80 steps, 12 held-out prompts, one thread): tau 2.187 online and offline.
 # The floor leaves a quarter for other kernels and CPUs while still failing a drafter that learned nothing (tau
 # 1.0-1.2 on this task).
