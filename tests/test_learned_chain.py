@@ -6,8 +6,8 @@ The point is end to end: the drafter must be accepted (a tau floor) and decoding
 
 import pytest
 
-from extract.run import run as extract
 from cache_schema import CacheReader
+from extract.run import run as extract
 from helpers import extract_config, tiny
 from tools import scenes
 from tools.demo import COMMITTED_TARGET
