@@ -116,10 +116,7 @@ class Speculator:
     def _draft(self, drafting: Drafting, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor):
         """Greedy target ids [R, B-1] of slots 1..B-1 and their softmax confidences."""
         h = drafting.model.draft(cache, ids_RB.to(self.device), pos_B.expand(ids_RB.shape[0], -1))
-        logits = h[:, 1:].to(drafting.head_VH.dtype) @ drafting.head_VH.T  # fp32 at least, as the replay
-        best = logits.max(-1)
-        conf = torch.exp(best.values - torch.logsumexp(logits, -1))
-        tokens = best.indices if drafting.draft_ids is None else drafting.draft_ids[best.indices]
+        tokens, conf = drafting.greedy(h[:, 1:])  # the replay's own rule, so online and offline agree
         return tokens.cpu(), conf.cpu()
 
     def _branches(self, vp_cache: ContextCache, last: int, first: torch.Tensor, conf: torch.Tensor,

@@ -81,17 +81,22 @@ class Drafting:
                                  gamma=1.0)
             mask = build_mask(anchors, length, T, B, self.backend)
             h = self.model(hidden, pos_T[None], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
-            h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1).to(self.head_VH.dtype)  # logits in fp32 at least
+            h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1)
             for r in range(0, h_RH.shape[0], self.logit_rows):
-                logits = h_RH[r:r + self.logit_rows] @ self.head_VH.T
-                best = logits.max(-1)
-                confs.append(torch.exp(best.values - torch.logsumexp(logits, -1)))
-                tokens.append(best.indices)
+                tok, conf = self.greedy(h_RH[r:r + self.logit_rows])
+                tokens.append(tok)
+                confs.append(conf)
         tok = torch.cat(tokens).view(-1, B - 1) if tokens else torch.zeros(0, B - 1, dtype=torch.long, device=device)
         conf = torch.cat(confs).view(-1, B - 1) if confs else torch.zeros(0, B - 1, device=device)
-        if self.draft_ids is not None:
-            tok = self.draft_ids[tok]
         return tok.cpu(), conf.cpu()
+
+    def greedy(self, h_RH: torch.Tensor):
+        """(argmax target ids, their softmax probabilities) of final hidden states [..., H]; logits in the
+        head's dtype, fp32 at least."""
+        logits = h_RH.to(self.head_VH.dtype) @ self.head_VH.T
+        best = logits.max(-1)
+        tokens = best.indices if self.draft_ids is None else self.draft_ids[best.indices]
+        return tokens, torch.exp(best.values - torch.logsumexp(logits, -1))
 
 
 def matched(tokens_NK: torch.Tensor, input_ids_T: torch.Tensor, anchors_N: torch.Tensor, ends_N: torch.Tensor):
