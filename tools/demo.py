@@ -17,7 +17,6 @@ from pathlib import Path
 
 from cache_schema import CacheReader
 from tools import learned_target, scenes
-from train.checkpoint import resolve_checkpoint
 
 # Built by `python -m tools.learned_target` (1800 steps, ~15 CPU-minutes) and committed, 2.1 MB, so that the
 # demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
@@ -122,7 +121,7 @@ def main() -> None:
 
     online_dir = work / "spec_decode"
     run(("speculative decoding online on the held-out prompts", [
-        py, "-m", "tools.spec_decode", "--target", model, "--drafter", resolve_checkpoint(runs["dflash"]),
+        py, "-m", "tools.spec_decode", "--target", model, "--drafter", runs["dflash"],
         "--shards", spec["heldout"], "--out", online_dir]), evaluate("dflash", "--vp", runs["vp"]))
     run(evaluate("dflash-fp8"), evaluate("dflash-human"))
     run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",

@@ -28,7 +28,7 @@ from extract.regenerate import (Dialog, answer_text, encode, generate, history_m
 from extract.sources import conversations, expand_shards
 from extract.target import Target, config_fingerprint, load_target
 from tools.speculate import Speculator
-from train.checkpoint import load_drafter
+from train.checkpoint import load_drafter, resolve_checkpoint
 from train.replay import Drafting
 
 log = logging.getLogger("spec_decode")
@@ -129,6 +129,9 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     if (shards is None) == (prompts is None):
         raise ValueError("give exactly one of --shards and --prompts")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # A run directory stands for its latest checkpoint, as in train.evaluate and train.export.
+    drafter = resolve_checkpoint(drafter)
+    vp = resolve_checkpoint(vp) if vp is not None else None
     manifest_file = Path(drafter) / "cache_manifest.json"
     if not manifest_file.exists():
         raise ValueError(f"--drafter {drafter} is not a drafter checkpoint (no cache_manifest.json)")
@@ -224,11 +227,11 @@ def table(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the target model directory or hub id")
-    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint directory")
+    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint or run directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
     src.add_argument("--prompts", type=Path, help="a JSON list of samples")
-    p.add_argument("--vp", type=Path, help="a VP drafter checkpoint: D2SD branching")
+    p.add_argument("--vp", type=Path, help="a VP drafter checkpoint or run directory: D2SD branching")
     p.add_argument("--k", type=int, default=4, help="D2SD branches per cycle")
     p.add_argument("--max-new-tokens", type=int, help="default: the cache's generation.max_new_tokens")
     p.add_argument("--max-prompts", type=int)
