@@ -58,6 +58,28 @@ def test_bf16_round_trip_is_bit_exact(cache_url, compression):
     np.testing.assert_array_equal(reader.lengths(), LENGTHS)
 
 
+@pytest.mark.parametrize("hidden_dtype", ["bf16", "fp8_e4m3"])
+def test_batch_read_equals_reading_one_by_one(tmp_path, hidden_dtype):
+    # Short samples around 64-token chunks: neighbours closer than a chunk are read as one range, farther ones
+    # apart; indices span shards, come unsorted and repeat.
+    lengths = [3, 40, 100, 7, 64, 1, 130, 20, 66, 5, 90, 12]
+    url = str(tmp_path / "cache")
+    manifest = make_manifest(hidden_dtype=hidden_dtype, chunk_tokens=64)
+    written = write_cache(url, manifest, lengths, shards=2)
+    codec = manifest.codec
+    reader = CacheReader(url)
+    for indices in ([0, 1, 2, 3], [11, 0, 5, 7, 5, 2], [8, 9, 10, 4, 6], list(range(len(lengths)))[::-1], [6]):
+        batch = reader.read_samples(indices)
+        assert [s.key for s in batch] == [f"s{i:04d}" for i in indices]
+        for got, i in zip(batch, indices):
+            want = written[i]
+            stored = codec.decode(*codec.encode(want.hidden_TLH))  # what the codec keeps (bf16: everything)
+            np.testing.assert_array_equal(bf16_to_words(got.hidden_TLH), bf16_to_words(stored))
+            for name in ("input_ids", "loss_mask", "position_ids"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+            assert got.meta == {**want.meta}
+
+
 def test_statistics_and_token_frequencies(cache_url):
     manifest = make_manifest()
     samples = write_cache(cache_url, manifest)
@@ -156,6 +178,8 @@ def test_flipped_byte_is_detected_and_named(cache_url, array):
     with pytest.raises(CacheCorruptionError, match=rf"shard shard-001, array {array}"):
         for i in range(len(reader)):
             reader[i]
+    with pytest.raises(CacheCorruptionError, match=rf"shard shard-001, array {array}"):
+        reader.read_samples(range(len(reader)))
     reader[0]  # other shards stay readable
 
 

@@ -31,11 +31,18 @@ class CacheDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.reader[self.index[i]]
-        positions = s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))
-        return {"sample_id": self.index[i], "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
-                "loss_mask": torch.from_numpy(s.loss_mask), "positions": torch.from_numpy(positions.astype(np.int64)),
-                "hidden": s.hidden_TLH}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch in one concurrent cache read (the DataLoader calls this with a batch's indices)."""
+        ids = [self.index[i] for i in indices]
+        items = []
+        for sample_id, s in zip(ids, self.reader.read_samples(ids)):
+            positions = s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))
+            items.append({"sample_id": sample_id, "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
+                          "loss_mask": torch.from_numpy(s.loss_mask),
+                          "positions": torch.from_numpy(positions.astype(np.int64)), "hidden": s.hidden_TLH})
+        return items
 
 
 def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, bucket: int, seed: int,
