@@ -1,7 +1,8 @@
 """Per-sample conversation formats, normalised to chat messages with image parts in placeholder order.
 
 Accepted: LLaVA `conversations` (`from: human/gpt/system`, `<image>` placeholders), chat `messages` (string
-content or lists of `{type: image}` / `{type: text}` parts) and text-only variants of both. Problems raise
+content or lists of `{type: image}` / `{type: text}` parts) and text-only variants of both. An assistant turn
+may carry `token_ids`: the ids a serving engine generated for it (see docs/regeneration.md). Problems raise
 `SkipSample` with a reason that the run counts; nothing here touches the model.
 """
 
@@ -65,6 +66,18 @@ def _split_placeholders(text: str) -> list[dict]:
     return parts
 
 
+def _with_token_ids(message: dict, raw: dict) -> dict:
+    """Keep an assistant turn's `token_ids` (the ids a serving engine generated for it), checked."""
+    ids = raw.get("token_ids")
+    if ids is None:
+        return message
+    if message["role"] != "assistant":
+        raise SkipSample("unknown_format", "token_ids on a non-assistant turn")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise SkipSample("unknown_format", "token_ids must be a list of non-negative token ids")
+    return {**message, "token_ids": ids}
+
+
 def _llava(turns: list) -> list[dict]:
     messages = []
     for turn in turns:
@@ -73,7 +86,7 @@ def _llava(turns: list) -> list[dict]:
         role = ROLES.get(str(turn["from"]).lower())
         if role is None:
             raise SkipSample("unknown_format", f"unknown speaker {turn['from']!r}")
-        messages.append({"role": role, "content": _split_placeholders(str(turn["value"]))})
+        messages.append(_with_token_ids({"role": role, "content": _split_placeholders(str(turn["value"]))}, turn))
     return messages
 
 
@@ -97,7 +110,7 @@ def _chat(items: list) -> list[dict]:
                     raise SkipSample("unknown_format", f"content part of type {kind!r}")
         else:
             raise SkipSample("unknown_format", "message content must be a string or a list of parts")
-        messages.append({"role": m["role"], "content": parts})
+        messages.append(_with_token_ids({"role": m["role"], "content": parts}, m))
     return messages
 
 

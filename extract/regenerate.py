@@ -28,6 +28,8 @@ class Sequence:
     dropped_turns: int = 0  # assistant turns after a cut one, not in the sequence
     generated_tokens: int = 0
     answers: list[list[int]] = field(default_factory=list)  # regenerated ids per turn, the model's own
+    engine_ids: int = 0  # 1 when the last turn's ids came with the record (a serving engine's own tokens)
+    retokenized_differs: int = 0  # 1 when re-tokenising that turn's text gives other ids than the record's
 
 
 def _content_for(target: Target, parts: list[dict]):
@@ -188,7 +190,9 @@ def _regenerated(target: Target, d: Dialog, suffix: str, supervise_history: bool
 def _kept(target: Target, conv: Conversation, render_msgs, suffix: str, supervise_history: bool,
           max_length: int) -> Sequence | SkipSample:
     """The dataset's own answers: the last one cut from the template's rendering of the whole conversation
-    (after its header and any think scaffolding) and encoded as the model would write it, by itself."""
+    (after its header and any think scaffolding) and encoded as the model would write it, by itself; or, when
+    the record carries them, the ids a serving engine generated for it (a mismatch with the text's own
+    encoding is counted)."""
     messages = conv.messages[:conv.assistant_turns[-1] + 1]
     text = render_msgs(messages, False)
     chars = answer_char_spans(text, suffix)
@@ -197,12 +201,21 @@ def _kept(target: Target, conv: Conversation, render_msgs, suffix: str, supervis
                           "in the rendered conversation")
     start, end = chars[-1]
     answer_ids = target.tokenizer.encode(text[start:end - len(END)], add_special_tokens=False)
+    given, differs = messages[-1].get("token_ids"), 0
+    if given is not None:
+        # A serving engine's ids are the target's own tokens; the text alone may re-tokenise differently.
+        own = given[:-1] if given and given[-1] in target.eos_ids else list(given)
+        if own and max(own) >= len(target.tokenizer):
+            return SkipSample("unknown_format", f"token_ids hold id {max(own)} outside the tokenizer "
+                              f"({len(target.tokenizer)} tokens)")
+        differs, answer_ids = int(own != answer_ids), own
     answer_ids.append(target.special_tokens["im_end_id"])
     out = _assemble(target, text[:start], images_in(messages, conv), answer_ids, len(chars) - 1, suffix,
                     supervise_history, max_length)
     if isinstance(out, SkipSample):
         return out
-    return Sequence(conv=conv, inputs=out[0], spans=out[1])
+    return Sequence(conv=conv, inputs=out[0], spans=out[1], engine_ids=int(given is not None),
+                    retokenized_differs=differs)
 
 
 def build_sequences(target: Target, convs: list[Conversation], regenerate: bool, max_new_tokens: int,

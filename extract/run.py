@@ -134,7 +134,9 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                         skips[result.reason] += 1
                         on_skip(conv.key, result)
                         continue
-                    turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns)
+                    turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns,
+                                 engine_token_ids=result.engine_ids,
+                                 retokenization_mismatch=result.retokenized_differs)
                     sample = capture(target, result, layer_ids)
                     shard.add(sample)
                     totals["captured_tokens"] += len(sample)

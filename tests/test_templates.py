@@ -2,6 +2,7 @@
 supervised tokens are exactly what the model writes after the generation prompt, plus its end-of-turn token."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -220,3 +221,42 @@ def test_char_spans_map_to_the_tokens_wholly_inside_them(targets):
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     naive = [[i for i, (s, e) in enumerate(offsets) if a <= s and e <= b] for a, b in chars]
     assert [list(range(a, b)) for a, b in chars_to_tokens(offsets, chars)] == naive
+
+
+def test_serving_engine_token_ids_are_kept_and_a_retokenisation_mismatch_counted(targets):
+    """A last answer with the engine's ids: they are supervised as given (end token and all), and a split the
+    text alone would not produce is counted; no ids: the text's own encoding, nothing counted."""
+    target = targets("qwen3_vl", "qwen3_vl")
+    tok = target.tokenizer
+    answer = "A red circle and a blue square."
+    canonical = tok.encode(answer, add_special_tokens=False)
+    by_chars = [i for ch in answer for i in tok.encode(ch, add_special_tokens=False)]
+    assert by_chars != canonical  # the character-by-character split is one the tokenizer would not choose
+    im_end = target.special_tokens["im_end_id"]
+
+    def conv(key, ids):
+        last = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        if ids is not None:
+            last["token_ids"] = ids
+        return Conversation(key=key, source="t", messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is here?"}]}, last])
+
+    cases = {"none": None, "same": canonical + [im_end], "split": by_chars, "split_end": by_chars + [im_end]}
+    seqs = build_sequences(target, [conv(k, v) for k, v in cases.items()], regenerate=False, max_new_tokens=8,
+                           max_length=4096)
+    supervised = {k: s.inputs["input_ids"][0, s.spans[-1][0]:s.spans[-1][1]].tolist() for k, s in zip(cases, seqs)}
+    assert supervised["none"] == supervised["same"] == canonical + [im_end]
+    assert supervised["split"] == supervised["split_end"] == by_chars + [im_end]
+    assert [(s.engine_ids, s.retokenized_differs) for s in seqs] == [(0, 0), (1, 0), (1, 1), (1, 1)]
+    out_of_vocab = build_sequences(target, [conv("bad", [len(tok) + 5])], regenerate=False, max_new_tokens=8,
+                                   max_length=4096)[0]
+    assert isinstance(out_of_vocab, SkipSample) and out_of_vocab.reason == "unknown_format"
+
+
+@pytest.mark.parametrize("ids", ["12", [1, -2], [1.5], [True]])
+def test_malformed_token_ids_are_a_counted_skip(ids):
+    record = {"__key__": "k", "json": json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "ho",
+                                                                "token_ids": ids}]}).encode()}
+    with pytest.raises(SkipSample, match="token_ids"):
+        parse_sample(record, source="t")
