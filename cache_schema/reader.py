@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 from zarr.core.sync import sync
 
+from cache_schema import chunks
 from cache_schema.layout import (CHECKSUMS, COMMIT_MARKER, HEAD_FILE, MANIFEST, SHARDS_DIR, SUMMARY, TOKENIZER_DIR,
                                  CacheCorruptionError, CacheError, Manifest, Sample, check_compatible)
 from cache_schema.storage import Location
@@ -48,6 +49,7 @@ class CacheReader:
         counts = [self.markers[n]["samples"] for n in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._arrays: dict = {}
+        self._plans: dict = {}  # (shard, array) -> chunks.ChunkPlan, or None where zarr reads it
         self._offsets: dict = {}
         self._metas: dict = {}
         if not self.manifest.writes_empty_chunks:
@@ -57,7 +59,7 @@ class CacheReader:
     def __getstate__(self):
         # Zarr handles do not travel to DataLoader workers; each worker reopens (and rechecks) what it reads.
         state = self.__dict__.copy()
-        state["_arrays"], state["_offsets"], state["_metas"] = {}, {}, {}
+        state["_arrays"], state["_plans"], state["_offsets"], state["_metas"] = {}, {}, {}, {}
         return state
 
     def _marker(self, name: str) -> dict:
@@ -106,6 +108,10 @@ class CacheReader:
                                        f"missing (first: {absent[0]})")
         for name, arr in arrays.items():
             self._arrays[shard, name] = arr
+            # A 1.0 cache's absent loss_mask chunks mean zeros, which only zarr fills in.
+            whole = name != "loss_mask" or self.manifest.writes_empty_chunks
+            self._plans[shard, name] = chunks.plan(arr, self.loc.path(SHARDS_DIR, shard, name),
+                                                   f"shard {shard}, array {name}") if whole else None
 
     def read(self, shard: str, array: str, sel=slice(None)) -> np.ndarray:
         """Read `array[sel]` of a shard; a missing chunk or a failed checksum names the shard and array."""
@@ -150,9 +156,8 @@ class CacheReader:
         """The samples at `indices` (global, any order, repeats allowed), in that order.
 
         Samples whose token ranges lie less than a chunk apart are read as one range, so a chunk they share is
-        decoded once; every array of every range is requested in one concurrent call, and zarr decodes the
-        chunks on its thread pool (`threading.max_workers`). bench/cache_bench.py measures it against reading
-        the samples one by one.
+        decoded once; all chunks of all arrays are fetched in one call and decoded on a thread pool
+        (`cache_schema/chunks.py`). bench/cache_bench.py measures it against reading samples one by one.
         """
         by_shard: dict[str, list[int]] = {}
         for index in indices:
@@ -176,18 +181,7 @@ class CacheReader:
             for a, b in runs:
                 requests.append((shard, slice(a, b)))
         # offsets() above opened (and checked) every shard involved.
-        fetch_list = [(shard, name, self._arrays[shard, name].async_array, sel) for shard, sel in requests
-                      for name in names]
-
-        async def fetch():
-            return await asyncio.gather(*(arr.getitem(sel) for *_, arr, sel in fetch_list), return_exceptions=True)
-
-        results = sync(fetch())
-        for (shard, name, *_), result in zip(fetch_list, results):
-            if isinstance(result, ValueError):  # zarr reports a crc32c mismatch as ValueError
-                raise CacheCorruptionError(f"shard {shard}, array {name}: {result}") from result
-            if isinstance(result, BaseException):
-                raise result
+        results = self._fetch([(shard, name, sel) for shard, sel in requests for name in names])
         data = {(r, name): results[r * len(names) + k] for r in range(len(requests)) for k, name in enumerate(names)}
         out = []
         for index in indices:
@@ -200,6 +194,28 @@ class CacheReader:
             out.append(Sample(key=meta.pop("key"), input_ids=data[r, "input_ids"][span],
                               loss_mask=data[r, "loss_mask"][span].astype(bool),
                               position_ids=data[r, "position_ids"][span].T.copy(), hidden_TLH=hidden, meta=meta))
+        return out
+
+    def _fetch(self, reads: list[tuple[str, str, slice]]) -> list[np.ndarray]:
+        """Each (shard, array, token slice): straight from the chunk files where `chunks.plan` knows the array's
+        codec chain, through zarr (all concurrently) for the rest."""
+        out: list = [None] * len(reads)
+        direct = [k for k, (shard, name, _) in enumerate(reads) if self._plans[shard, name] is not None]
+        ranges = [(self._plans[reads[k][:2]], reads[k][2].start, reads[k][2].stop) for k in direct]
+        for k, rows in zip(direct, chunks.read_ranges(self.loc.fs, ranges)):
+            out[k] = rows
+        rest = [k for k in range(len(reads)) if out[k] is None]
+
+        async def fetch():
+            return await asyncio.gather(*(self._arrays[reads[k][:2]].async_array.getitem(reads[k][2]) for k in rest),
+                                        return_exceptions=True)
+
+        for k, result in zip(rest, sync(fetch()) if rest else []):
+            if isinstance(result, ValueError):  # zarr reports a crc32c mismatch as ValueError
+                raise CacheCorruptionError(f"shard {reads[k][0]}, array {reads[k][1]}: {result}") from result
+            if isinstance(result, BaseException):
+                raise result
+            out[k] = result
         return out
 
     def __iter__(self):

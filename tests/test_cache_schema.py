@@ -80,6 +80,41 @@ def test_batch_read_equals_reading_one_by_one(tmp_path, hidden_dtype):
             assert got.meta == {**want.meta}
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd", "blosc_lz4"])
+@pytest.mark.parametrize("hidden_dtype", ["bf16", "fp8_e4m3"])
+def test_direct_chunk_reads_equal_zarrs_own(tmp_path, compression, hidden_dtype):
+    """cache_schema/chunks.py decodes the none and zstd chains itself and leaves blosc to zarr; either way
+    every array's every range reads back exactly as zarr reads it."""
+    url = str(tmp_path / "cache")
+    manifest = make_manifest(hidden_dtype=hidden_dtype, chunk_tokens=64, compression=compression)
+    write_cache(url, manifest, [3, 40, 100, 7, 64, 1, 130, 20], shards=2)
+    reader = CacheReader(url)
+    reader.read_samples(range(len(reader)))
+    direct = {name: reader._plans[shard, name] is not None for shard, name in reader._plans}
+    assert direct["hidden"] == (compression != "blosc_lz4") and direct["input_ids"] and direct["offsets"]
+    rng = np.random.default_rng(0)
+    for shard in reader.shards:
+        group = reader.loc.open_shard(shard, mode="r")
+        tokens = reader.markers[shard]["tokens"]
+        names = list(manifest.token_arrays())
+        for a, b in [(0, tokens), (0, 1), (tokens - 1, tokens), (63, 65), *rng.integers(0, tokens, (6, 2)).tolist()]:
+            a, b = int(min(a, b)), int(max(a, b)) + (a == b)
+            got = reader._fetch([(shard, name, slice(a, b)) for name in names])
+            for name, rows in zip(names, got):
+                np.testing.assert_array_equal(rows, group[name][a:b])
+
+
+def test_chunk_file_deleted_after_open_is_named(tmp_path):
+    url = str(tmp_path / "cache")
+    write_cache(url, make_manifest(compression="zstd"))
+    reader = CacheReader(url)
+    reader[0]
+    victim = sorted(_chunk_files(url, "shard-000", "hidden"))[-1]
+    os.remove(victim)
+    with pytest.raises(CacheCorruptionError, match="shard shard-000, array hidden"):
+        reader.read_samples(range(len(reader)))
+
+
 def test_statistics_and_token_frequencies(cache_url):
     manifest = make_manifest()
     samples = write_cache(cache_url, manifest)

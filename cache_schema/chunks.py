@@ -1,0 +1,119 @@
+"""Reading token ranges straight from chunk files, for the codec chains this package writes.
+
+zarr's own read path costs several times the bytes it moves (bench/cache_bench.py, "Read paths"): an asyncio
+round trip and a chain of buffer objects per chunk. The chains the writer produces are few and fixed (little-endian
+bytes, then optionally zstd, then crc32c), so a chunk is decoded here in three plain steps: check the crc32c, zstd
+decompress, view as the array's dtype. Every chunk of one call is fetched with one `fs.cat` (concurrent requests on
+object stores) and decoded on a thread pool (zstd and crc32c release the GIL). Arrays with any other chain, or
+another chunk grid, go through zarr (`plan` returns None); both paths give identical arrays (tests).
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from crc32c import crc32c
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from cache_schema.layout import CacheCorruptionError
+
+_ZSTD = Zstd()
+DECODE_THREADS = 4
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's decode pool: a forked DataLoader worker inherits the parent's object but not its threads."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="cache_decode"))
+    return _POOL[1]
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How to find and decode the chunks of one array along its first (token) axis."""
+
+    where: str  # "shard S, array A", for errors
+    base: str  # fsspec path of the array's folder
+    rows: int  # tokens per chunk
+    row_shape: tuple
+    dtype: np.dtype
+    zstd: bool
+    keys: object  # the array metadata's chunk-key encoder
+
+    def path(self, chunk: int) -> str:
+        return f"{self.base}/{self.keys((chunk,) + (0,) * len(self.row_shape))}"
+
+    def decode_into(self, data: bytes, chunk: int, out: np.ndarray) -> None:
+        """Check and decode one chunk's bytes into `out` (a C-contiguous array of one chunk's shape)."""
+        body = memoryview(data)[:-4]
+        if len(data) < 4 or crc32c(body) != int.from_bytes(data[-4:], "little"):
+            raise CacheCorruptionError(f"{self.where}: chunk {chunk} fails its crc32c check")
+        try:
+            if self.zstd:
+                _ZSTD.decode(body, out=out)
+            elif len(body) == out.nbytes:
+                out.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, dtype=np.uint8)
+            else:
+                raise ValueError(f"{len(body)} bytes for a chunk of {out.nbytes}")
+        except (RuntimeError, ValueError) as e:
+            raise CacheCorruptionError(f"{self.where}: chunk {chunk} does not decode: {e}") from e
+
+
+def plan(array, base: str, where: str) -> ChunkPlan | None:
+    """A ChunkPlan for a zarr array whose chain this module decodes; None for anything else."""
+    meta = array.metadata
+    codecs = tuple(getattr(meta, "codecs", ()))
+    one_byte = np.dtype(array.dtype).itemsize == 1  # zarr writes no endianness for these
+    if not codecs or codecs[0] not in (BytesCodec(endian="little"), *([BytesCodec(endian=None)] if one_byte else [])):
+        return None
+    if codecs[-1] != Crc32cCodec():
+        return None
+    middle = codecs[1:-1]
+    if middle and not (len(middle) == 1 and isinstance(middle[0], ZstdCodec) and not middle[0].checksum):
+        return None
+    chunks = array.chunks
+    if tuple(chunks[1:]) != tuple(array.shape[1:]) or array.shards is not None:
+        return None
+    return ChunkPlan(where, base, int(chunks[0]), tuple(array.shape[1:]), np.dtype(array.dtype).newbyteorder("<"),
+                     bool(middle), meta.encode_chunk_key)
+
+
+def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]]) -> list[np.ndarray]:
+    """Rows [start, end) (end > start) of each (plan, start, end).
+
+    Each chunk is read and decoded once, on the pool: straight into the output where one request holds all of
+    it, else into a scratch chunk copied from. An asynchronous filesystem (object stores) fetches every chunk
+    in one concurrent `fs.cat` first; a local one reads each chunk in its decoding thread.
+    """
+    outs = [np.empty((b - a, *p.row_shape), dtype=p.dtype) for p, a, b in requests]
+    users: dict[str, list] = {}  # chunk path -> [(plan, chunk, request, its rows [lo, hi) within the chunk)]
+    for k, (p, a, b) in enumerate(requests):
+        for c in range(a // p.rows, (b - 1) // p.rows + 1):
+            users.setdefault(p.path(c), []).append((p, c, k, max(a - c * p.rows, 0), min(b - c * p.rows, p.rows)))
+    blobs = fs.cat(list(users), on_error="return") if getattr(fs, "async_impl", False) and users else None
+
+    def one(path: str) -> None:
+        p, c = users[path][0][:2]
+        try:
+            data = blobs[path] if blobs is not None else fs.cat_file(path)
+            if isinstance(data, BaseException):
+                raise data
+        except (OSError, KeyError) as e:
+            raise CacheCorruptionError(f"{p.where}: chunk {c} cannot be read: {e!r}") from e
+        (_, _, k, lo, hi), *more = users[path]
+        if not more and (lo, hi) == (0, p.rows):
+            start = c * p.rows - requests[k][1]
+            p.decode_into(data, c, outs[k][start:start + p.rows])
+            return
+        scratch = np.empty((p.rows, *p.row_shape), dtype=p.dtype)
+        p.decode_into(data, c, scratch)
+        for _, _, k, lo, hi in users[path]:
+            start = c * p.rows + lo - requests[k][1]
+            outs[k][start:start + hi - lo] = scratch[lo:hi]
+
+    list(_pool().map(one, users))
+    return outs
