@@ -156,7 +156,14 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader ratio")
     parser.add_argument("--quick", action="store_true", help="GPU: only the first configuration")
+    parser.add_argument("--loader-only", type=int, metavar="HIDDEN",
+                        help="only the cache loader, at this hidden size x 5 layers, for 1..--workers workers")
     args = parser.parse_args()
+    if args.loader_only:
+        for workers in range(1, args.workers + 1):
+            print(f"cache loader, {workers} workers, hidden {args.loader_only} x 5 layers, bf16 zstd: "
+                  f"{loader_tokens_per_s(args.loader_only, 5, workers):.0f} tok/s", flush=True)
+        return
     if args.child:
         print(json.dumps(one_config(json.loads(args.child))))
         return
