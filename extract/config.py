@@ -39,6 +39,9 @@ class GenerationConfig:
     regenerate: bool = True  # false keeps the dataset's own answers
     max_new_tokens: int = 1024
     batch_size: int = 8
+    # Conversations are read in windows of this many batches and sorted by text length before batching, so a
+    # batch's rows pad little and do not wait long on one long answer (bench/extract_bench.py); 1: input order.
+    sort_window: int = 8
     # false leaves earlier assistant turns unsupervised (only the last turn is the target's own tokens; thinking
     # templates also strip earlier turns' reasoning): see docs/decisions.md
     supervise_history: bool = True
@@ -63,6 +66,7 @@ class ExtractConfig:
             raise ValueError(f"storage.hidden_dtype={self.storage.hidden_dtype!r}; choose from {HIDDEN_DTYPES}")
         compressors(self.storage.compression)
         counts = {"generation.batch_size": self.generation.batch_size,
+                  "generation.sort_window": self.generation.sort_window,
                   "generation.max_new_tokens": self.generation.max_new_tokens,
                   "data.max_length": self.data.max_length, "target.num_capture_layers": self.target.num_capture_layers,
                   "storage.chunk_tokens": self.storage.chunk_tokens, "threads": self.threads}

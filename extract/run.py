@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 from cache_schema import CacheWriter, Manifest, TargetInfo
 from extract.capture import capture
 from extract.config import ExtractConfig
-from extract.formats import SkipSample
+from extract.formats import Conversation, SkipSample
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
 from extract.target import (Target, check_layer_ids, config_fingerprint, deepstack_layers, default_layer_ids,
@@ -65,6 +65,19 @@ def batched(iterable, n):
     it = iter(iterable)
     while batch := list(islice(it, n)):
         yield batch
+
+
+def text_length(conv: Conversation) -> int:
+    return sum(len(part.get("text", "")) for m in conv.messages for part in m["content"])
+
+
+def length_sorted_batches(convs, batch_size: int, window: int):
+    """Batches of `batch_size` from windows of `window` batches, each window sorted by text length (the dataset
+    answers' length stands in for the regenerated ones'); deterministic, so every run writes the same order."""
+    for pool in batched(convs, batch_size * window):
+        if window > 1:
+            pool.sort(key=text_length)
+        yield from batched(pool, batch_size)
 
 
 def run(cfg: ExtractConfig) -> dict:
@@ -125,7 +138,8 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
         shard = writer.shard(name)
         skips, turns = Counter(), Counter()
         try:
-            for batch in batched(conversations(url, cfg.data.format, skips, on_skip), cfg.generation.batch_size):
+            for batch in length_sorted_batches(conversations(url, cfg.data.format, skips, on_skip),
+                                               cfg.generation.batch_size, cfg.generation.sort_window):
                 results = build_sequences(target, batch, cfg.generation.regenerate, cfg.generation.max_new_tokens,
                                           cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking,
                                           cfg.generation.supervise_history)

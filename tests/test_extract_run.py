@@ -20,7 +20,8 @@ from PIL import Image
 from cache_schema import CacheReader
 from cache_schema.codecs import bf16_to_words
 from extract.config import ExtractConfig
-from extract.run import run
+from extract.formats import Conversation
+from extract.run import length_sorted_batches, run, text_length
 from extract.target import check_layer_ids, default_layer_ids
 from helpers import extract_config as config
 from tools.demo_shards import write_shards
@@ -249,3 +250,19 @@ def test_supervise_history_off_keeps_only_the_last_turn_and_turn_counts_reach_th
     assert multi  # the shard has multi-turn samples whose history lost its supervision
     cut = sum(both[i].meta["truncated_turns"] for i in range(len(both)))
     assert summary["turns"].get("truncated", 0) == cut
+
+
+def test_length_sorted_batches_reorder_only_within_each_window():
+    lengths = [50, 3, 17, 80, 1, 64, 9, 33, 70, 2, 45, 12, 5, 90]
+    convs = [Conversation(key=f"c{i}", source="t", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "q" * n}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]) for i, n in enumerate(lengths)]
+    batches = list(length_sorted_batches(iter(convs), batch_size=3, window=2))
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 2]
+    flat = [c for b in batches for c in b]
+    assert sorted(c.key for c in flat) == sorted(c.key for c in convs)
+    for w in range(0, len(convs), 6):  # each window of 2 batches holds the same conversations, sorted by length
+        window = flat[w:w + 6]
+        assert {c.key for c in window} == {c.key for c in convs[w:w + 6]}
+        assert [text_length(c) for c in window] == sorted(text_length(c) for c in window)
+    assert [c.key for b in length_sorted_batches(iter(convs), 3, 1) for c in b] == [c.key for c in convs]

@@ -291,6 +291,7 @@ def refuse_load(*args, **kwargs):
 
 @pytest.mark.parametrize("section, field, value, key", [
     ("data", "format", "llava2", "data.format"), ("generation", "batch_size", 0, "generation.batch_size"),
+    ("generation", "sort_window", 0, "generation.sort_window"),
     ("data", "max_length", 0, "data.max_length"), ("target", "num_capture_layers", 0, "target.num_capture_layers"),
     ("storage", "chunk_tokens", 0, "storage.chunk_tokens"), ("storage", "compression", "lz5", "storage.compression"),
     (None, "threads", 0, "threads")])
