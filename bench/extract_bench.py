@@ -8,6 +8,13 @@ Both sides run in one process on the same conversations:
 
     python bench/extract_bench.py                          # tiny qwen3_vl on CPU
     python bench/extract_bench.py --shape qwen3vl8b        # Qwen3-VL-8B-shaped random weights, bf16, GPU
+
+`--regeneration` measures greedy regeneration alone instead, batches in input order against length-sorted
+windows (`generation.sort_window`): generated tokens/s, decoding steps (the longest last-turn answer of each batch,
+summed),
+conversations whose answers differ between the two orders, and on a GPU the ratio to the weight-bandwidth limit
+(every decoding step reads every weight once). `--shape learned` uses the committed learned target on its scene
+prompts, whose answer lengths follow the dataset's as a real target's do.
 """
 
 import argparse
@@ -23,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extract.capture import capture  # noqa: E402
 from extract.formats import parse_sample  # noqa: E402
 from extract.regenerate import build_sequences  # noqa: E402
-from extract.run import make_manifest  # noqa: E402
+from extract.run import length_sorted_batches, make_manifest  # noqa: E402
 from extract.config import ExtractConfig, TargetConfig  # noqa: E402
 from extract.target import Target, load_target  # noqa: E402
 from cache_schema import CacheWriter  # noqa: E402
+from tools import scenes  # noqa: E402
 from tools.demo_shards import write_shards  # noqa: E402
 from tools.tiny_targets import build_config, build_processor, build_target, build_tokenizer  # noqa: E402
 
@@ -53,6 +61,40 @@ def real_shape_target(device: str) -> Target:
                   name_or_path="random-qwen3vl8b-shape")
 
 
+LEARNED_TARGET = Path(__file__).resolve().parents[1] / "tools" / "assets" / "learned_target" / "model"
+# Peak memory bandwidth, bytes/s (datasheets), for the weight-bandwidth limit of a decoding step.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, device: str) -> None:
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.model.parameters())
+    peak = next((v for k, v in PEAK_BANDWIDTH.items() if device.startswith("cuda") and k in
+                 torch.cuda.get_device_name()), None)
+    build_sequences(target, convs[:2], True, 4, 1 << 20)  # warm-up
+    orders = {"input order": [convs[i:i + batch_size] for i in range(0, len(convs), batch_size)],
+              "length-sorted windows of 8 batches": list(length_sorted_batches(convs, batch_size, 8))}
+    answers = {}
+    print(f"| order | batches | decoding steps | generated tokens | seconds | generated tok/s | ms per step | "
+          f"vs weight-bandwidth limit |\n|---|---|---|---|---|---|---|---|")
+    for name, batches in orders.items():
+        steps = tokens = 0
+        sync(device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            seqs = build_sequences(target, batch, True, max_new_tokens, 1 << 20)
+            steps += max(len(s.answers[-1]) for s in seqs)
+            tokens += sum(s.generated_tokens for s in seqs)
+            answers[name] = {**answers.get(name, {}), **{s.conv.key: s.answers for s in seqs}}
+        sync(device)
+        dt = time.perf_counter() - t0
+        limit = f"{(weight_bytes / peak) / (dt / steps):.2f}" if peak else "n/a (CPU)"
+        print(f"| {name} | {len(batches)} | {steps} | {tokens} | {dt:.1f} | {tokens / dt:.0f} | "
+              f"{1000 * dt / steps:.1f} | {limit} |")
+    first, second = answers.values()
+    print(f"conversations whose answers differ between the orders: {sum(first[k] != second[k] for k in first)} "
+          f"of {len(first)} (padding changes the arithmetic; fp32 CPU ties are rare)")
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -60,7 +102,8 @@ def sync(device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=["tiny", "qwen3vl8b"], default="tiny")
+    parser.add_argument("--shape", choices=["tiny", "learned", "qwen3vl8b"], default="tiny")
+    parser.add_argument("--regeneration", action="store_true", help="time regeneration orders instead")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -69,11 +112,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     if args.shape == "tiny":
         target = load_target(str(build_target("qwen3_vl", work / "targets")), dtype="float32", device=args.device)
+    elif args.shape == "learned":
+        target = load_target(str(LEARNED_TARGET), dtype="float32", device=args.device)
     else:
         target = real_shape_target(args.device)
-    shard = write_shards(work / "shards", shards=1, samples=args.samples, seed=1)[0]
+    if args.shape == "learned":
+        shard = scenes.write_task_shards(work / "shards", "train", args.samples, seed=0,
+                                         samples_per_shard=args.samples)[0]
+    else:
+        shard = write_shards(work / "shards", shards=1, samples=args.samples, seed=1)[0]
     convs = [parse_sample(r, str(shard)) for r in wds.WebDataset([str(shard)], shardshuffle=False,
                                                                     empty_check=False)]
+    if args.regeneration:
+        print(f"device {args.device}, target {target.name_or_path}, {len(convs)} conversations, batch "
+              f"{args.batch_size}, max_new_tokens {args.max_new_tokens}")
+        return regeneration(target, convs, args.batch_size, args.max_new_tokens, args.device)
     layers = target.text_config.num_hidden_layers
     layer_ids = [3, 11, 18, 26, 33] if layers == 36 else [2, 4, 5]
     cfg = ExtractConfig(out=str(work / "cache"), target=TargetConfig(path="bench", dtype="bfloat16"))
