@@ -10,10 +10,9 @@ Both sides run in one process on the same conversations:
     python bench/extract_bench.py --shape qwen3vl8b        # Qwen3-VL-8B-shaped random weights, bf16, GPU
 
 `--regeneration` measures greedy regeneration alone instead, batches in input order against length-sorted
-windows (`generation.sort_window`): generated tokens/s, decoding steps (the longest last-turn answer of each batch,
-summed),
-conversations whose answers differ between the two orders, and on a GPU the ratio to the weight-bandwidth limit
-(every decoding step reads every weight once). `--shape learned` uses the committed learned target on its scene
+windows (`generation.sort_window`): generated tokens/s, decoding steps (the longest last-turn answer of each
+batch, summed), conversations whose answers differ between the two orders, and on a GPU the ratio to the
+weight-bandwidth limit (every decoding step reads every weight once). `--shape learned` uses the committed learned target on its scene
 prompts, whose answer lengths follow the dataset's as a real target's do.
 """
 
