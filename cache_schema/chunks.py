@@ -1,11 +1,12 @@
 """Reading token ranges straight from chunk files, for the codec chains this package writes.
 
 zarr's own read path costs several times the bytes it moves (bench/cache_bench.py, "Read paths"): an asyncio
-round trip and a chain of buffer objects per chunk. The chains the writer produces are few and fixed (little-endian
-bytes, then optionally zstd, then crc32c), so a chunk is decoded here in three plain steps: check the crc32c, zstd
-decompress, view as the array's dtype. Every chunk of one call is fetched with one `fs.cat` (concurrent requests on
-object stores) and decoded on a thread pool (zstd and crc32c release the GIL). Arrays with any other chain, or
-another chunk grid, go through zarr (`plan` returns None); both paths give identical arrays (tests).
+round trip and a chain of buffer objects per chunk. The chains the writer produces are few and fixed
+(little-endian bytes, then optionally zstd, then crc32c), so a chunk is decoded here in plain steps: check the
+crc32c, zstd-decompress into the output array. Chunks are read and decoded on a thread pool (file reads, zstd
+and crc32c release the GIL); object stores get one concurrent `fs.cat` for all chunks of a call. Arrays with any
+other chain, or another chunk grid, go through zarr (`plan` returns None); both paths give identical arrays
+(tests).
 """
 
 import os
