@@ -83,7 +83,7 @@ def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, de
             seqs = build_sequences(target, batch, True, max_new_tokens, 1 << 20)
             steps += max(len(s.answers[-1]) for s in seqs)
             tokens += sum(s.generated_tokens for s in seqs)
-            answers[name] = {**answers.get(name, {}), **{s.conv.key: s.answers for s in seqs}}
+            answers.setdefault(name, {}).update({s.conv.key: s.answers for s in seqs})
         sync(device)
         dt = time.perf_counter() - t0
         limit = f"{(weight_bytes / peak) / (dt / steps):.2f}" if peak else "n/a (CPU)"

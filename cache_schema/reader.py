@@ -159,9 +159,9 @@ class CacheReader:
         decoded once; all chunks of all arrays are fetched in one call and decoded on a thread pool
         (`cache_schema/chunks.py`). bench/cache_bench.py measures it against reading samples one by one.
         """
+        located = [self.locate(int(index)) for index in indices]
         by_shard: dict[str, list[int]] = {}
-        for index in indices:
-            shard, local = self.locate(int(index))
+        for shard, local in located:
             by_shard.setdefault(shard, []).append(local)
         codec = self.manifest.codec
         names = ("input_ids", "loss_mask", "position_ids", *codec.arrays)
@@ -184,8 +184,7 @@ class CacheReader:
         results = self._fetch([(shard, name, sel) for shard, sel in requests for name in names])
         data = {(r, name): results[r * len(names) + k] for r in range(len(requests)) for k, name in enumerate(names)}
         out = []
-        for index in indices:
-            shard, local = self.locate(int(index))
+        for shard, local in located:
             r = where[shard, local]
             off = self.offsets(shard)
             span = slice(int(off[local]) - requests[r][1].start, int(off[local + 1]) - requests[r][1].start)
