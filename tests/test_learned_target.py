@@ -114,6 +114,10 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path
     model = AutoModelForImageTextToText.from_pretrained(built / "model")
     processor = AutoProcessor.from_pretrained(built / "model")
     assert model.config.model_type == "qwen3_vl" and model.config.vision_config.deepstack_visual_indexes
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (settings.text_hidden, settings.text_layers,
+                                                                         settings.head_dim)
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == settings.head_dim
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     # The loaded checkpoint answers the held-out prompts exactly as the trained model did.
     again = lt.evaluate(model, processor, scenes.samples("heldout", settings.eval_samples, settings.seed),
@@ -126,3 +130,5 @@ def test_bad_settings_are_refused_with_the_key_to_change():
         lt.Settings(steps=0)
     with pytest.raises(ValueError, match="warmup=50"):
         lt.Settings(steps=20, warmup=50)
+    with pytest.raises(ValueError, match="head_dim=20"):
+        lt.Settings(head_dim=20)

@@ -6,7 +6,7 @@ come from `tools/tiny_targets.py` (the real transformers classes, deepstack incl
 PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by the processor's own outputs for
 the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
 
-    python -m tools.learned_target OUT [--steps 1800]
+    python -m tools.learned_target OUT [--steps 6000]
 
 writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
 OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
@@ -40,18 +40,26 @@ HEADER = "<|im_start|>assistant\n"
 @dataclass(frozen=True)
 class Settings:
     seed: int = 0
-    train_samples: int = 6000
-    steps: int = 1800
+    train_samples: int = 20000
+    steps: int = 6000
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup: int = 30
     eval_samples: int = 200
-    threads: int = 2
+    threads: int = 1
+    # The language model's shape: width, depth, head size (its rotary pairs split evenly over t, h, w) and theta.
+    text_hidden: int = 96
+    text_layers: int = 6
+    head_dim: int = 24
+    rope_theta: float = 10_000.0
 
     def __post_init__(self):
         for name in ("train_samples", "steps", "batch_size", "eval_samples", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"learned target setting {name}={getattr(self, name)} must be at least 1")
+        if self.head_dim % 6:
+            raise ValueError(f"learned target head_dim={self.head_dim} must be a multiple of 6: its rotary pairs "
+                             "split evenly over the t, h and w axes")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"learned target setting warmup={self.warmup} must lie in [0, steps={self.steps})")
 
@@ -123,9 +131,17 @@ def collate(items: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def new_model(processor, seed: int):
-    config = build_config(FAMILY, processor.tokenizer)
-    torch.manual_seed(seed)
+def text_shape(settings: Settings) -> dict:
+    """The language-model fields `settings` choose, over the tiny Qwen3-VL defaults (4 heads, 2 kv heads)."""
+    rope = {"rope_type": "default", "rope_theta": settings.rope_theta, "mrope_section": [settings.head_dim // 6] * 3,
+            "mrope_interleaved": True}
+    return dict(hidden_size=settings.text_hidden, intermediate_size=2 * settings.text_hidden,
+                num_hidden_layers=settings.text_layers, head_dim=settings.head_dim, rope_parameters=rope)
+
+
+def new_model(processor, settings: Settings):
+    config = build_config(FAMILY, processor.tokenizer, text_shape(settings))
+    torch.manual_seed(settings.seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = config.get_text_config().pad_token_id
@@ -246,7 +262,7 @@ def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> 
     items = [it for i in tqdm(range(0, len(train_set), 64), desc="encode training samples", disable=not progress)
              for it in encode(processor, train_set[i:i + 64])]
     t_data = time.perf_counter() - t0
-    model = new_model(processor, settings.seed)
+    model = new_model(processor, settings)
     cpu0 = time.process_time()
     losses = train(model, items, settings, pad_id, progress)
     t_train = time.perf_counter() - t0 - t_data

@@ -157,11 +157,13 @@ def _text_config(family: str, vocab: int, special: dict) -> dict:
     return cfg
 
 
-def build_config(family: str, tok):
+def build_config(family: str, tok, text_overrides: dict | None = None):
+    """The family's tiny config for `tok`; `text_overrides` replace language-model fields (the vision tower's
+    output width follows the text hidden size)."""
     vocab = padded_vocab(tok)
     special = dict(eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                    pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
-    text = _text_config(family, vocab, special)
+    text = {**_text_config(family, vocab, special), **(text_overrides or {})}
     if family == "qwen3":
         return AutoConfig.for_model("qwen3", **text)
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
