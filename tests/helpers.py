@@ -49,7 +49,8 @@ def extract_config(out, shards, target_dir, **kw):
     """A small CPU extraction of `shards` with a tiny target (keyword arguments: ExtractConfig fields)."""
     from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 
-    target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu", layer_ids=[2, 4, 5])
+    target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu",
+                          layer_ids=kw.pop("layer_ids", [2, 4, 5]))
     return ExtractConfig(out=str(out), target=target,
                          data=InputConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
                          generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
