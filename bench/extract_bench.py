@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extract.capture import capture  # noqa: E402
@@ -61,6 +62,7 @@ def real_shape_target(device: str) -> Target:
 
 
 LEARNED_TARGET = Path(__file__).resolve().parents[1] / "tools" / "assets" / "learned_target" / "model"
+CONF_TARGETS = Path(__file__).resolve().parents[1] / "conf" / "target"
 # Peak memory bandwidth, bytes/s (datasheets), for the weight-bandwidth limit of a decoding step.
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -127,7 +129,7 @@ def main() -> None:
               f"{args.batch_size}, max_new_tokens {args.max_new_tokens}")
         return regeneration(target, convs, args.batch_size, args.max_new_tokens, args.device)
     layers = target.text_config.num_hidden_layers
-    layer_ids = [3, 11, 18, 26, 33] if layers == 36 else [2, 4, 5]
+    layer_ids = list(OmegaConf.load(CONF_TARGETS / f"{args.shape}.yaml").layer_ids)  # what `target=SHAPE` captures
     cfg = ExtractConfig(out=str(work / "cache"), target=TargetConfig(path="bench", dtype="bfloat16"))
     writer = CacheWriter(cfg.out, make_manifest(cfg, target.model.config, target.tokenizer, layer_ids))
     shard_writer = writer.shard("bench")

@@ -30,7 +30,7 @@ def test_drafter_from_the_cache_is_accepted_online_and_decoding_is_lossless(tmp_
     train_shards = scenes.write_task_shards(tmp_path / "shards", "train", 192, samples_per_shard=48)
     heldout_shards = scenes.write_task_shards(tmp_path / "shards", "heldout", 12)
     for out, shards in (("cache", train_shards), ("heldout", heldout_shards)):
-        cfg = extract_config(tmp_path / out, shards, model, layer_ids=[2, 3, 4])  # conf/target/tiny.yaml's
+        cfg = extract_config(tmp_path / out, shards, model, layer_ids=[2, 3, 4])  # conf/target/learned.yaml's
         cfg.generation.max_new_tokens = 64
         cfg.generation.batch_size = 16
         extract(cfg)

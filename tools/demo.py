@@ -90,7 +90,7 @@ def main() -> None:
         run_steps(list(jobs), env, logs, timings)
 
     def extract(name: str, split: str, *overrides) -> tuple[str, list]:
-        return (f"extract {name}", [py, "-m", "extract", "target=tiny", f"target.path={model}", f"out={work / name}",
+        return (f"extract {name}", [py, "-m", "extract", "target=learned", f"target.path={model}", f"out={work / name}",
                                     f"data.shards='{spec[split]}'", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
                                     "generation.batch_size=16", f"hydra.run.dir={logs}/extract-{name}", *overrides])
 
