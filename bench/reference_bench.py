@@ -34,7 +34,8 @@ def reference_modules():
         from specforge.algorithms.common.dflash_family_model import OnlineDFlashModel
         from specforge.modeling.draft.dflash import DFlashDraftModel
     except ImportError as err:
-        sys.exit(f"the reference trainer is not importable ({err}): pip install specforge==0.2.0 --no-deps")
+        raise ImportError(f"the reference trainer is not importable ({err}): "
+                          "pip install specforge==0.2.0 --no-deps") from err
     return OnlineDFlashModel, DFlashDraftModel
 
 
@@ -63,7 +64,8 @@ def build(seq: int, anchors: int, block: int, vocab: int, dims: dict = SMALL):
     # The frozen target tensors in fp32, as our step computes with them on CPU (no autocast).
     ref_head, ref_embed = nn.Linear(cfg.hidden_size, vocab, bias=False), nn.Embedding(vocab, cfg.hidden_size)
     ref_head.weight.data, ref_embed.weight.data = head.float(), embed.float()
-    ref_head.requires_grad_(False), ref_embed.requires_grad_(False)
+    ref_head.requires_grad_(False)
+    ref_embed.requires_grad_(False)
     reference = OnlineDFlashModel(draft, ref_head, ref_embed, mask_token_id=vocab - 1, block_size=block,
                                   attention_backend="sdpa", num_anchors=anchors, loss_decay_gamma=GAMMA)
 
@@ -90,12 +92,11 @@ def check_equal(ours, objective, reference, batch) -> tuple[float, float]:
     """Relative loss difference and the largest relative gradient difference over the drafter's weights, the
     reference fed our anchors for step 0."""
     loss, blocks = our_loss(ours, objective, batch, 0)
-    own = type(reference)._sample_anchor_positions
     reference._sample_anchor_positions = lambda *a, **k: (blocks.anchors_BN, blocks.keep_BN)
     try:
         ref = reference_loss(reference, batch)
     finally:
-        reference._sample_anchor_positions = own.__get__(reference)
+        del reference._sample_anchor_positions  # the class's own sampler again
     loss.backward()
     ref.backward()
     ref_params = dict(reference.draft_model.named_parameters())
@@ -128,6 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
+    try:
+        reference_modules()
+    except ImportError as err:
+        sys.exit(str(err))
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; drafter {SMALL} x {LAYERS} target "
           "layers; fp32 weights, bf16 cache hidden states and frozen head")
     print("| seq | anchors | block | vocab | loss rel. diff | max grad rel. diff | ours ms | reference ms | "

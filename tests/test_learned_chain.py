@@ -5,10 +5,11 @@ The point is end to end: the drafter must be accepted (a tau floor) and decoding
 """
 
 import pytest
+from omegaconf import OmegaConf
 
 from cache_schema import CacheReader
 from extract.run import run as extract
-from helpers import extract_config, tiny
+from helpers import ROOT, extract_config, tiny
 from tools import scenes
 from tools.demo import COMMITTED_TARGET
 from tools.spec_decode import run as spec_decode
@@ -19,6 +20,7 @@ from train.evaluate import evaluate
 # offline (80 steps on 96 prompts: 1.673). The floor leaves a quarter for other kernels and CPUs while still
 # failing a drafter that learned nothing (tau 1.0-1.2 on this task).
 TAU_FLOOR = 2.0
+LAYER_IDS = list(OmegaConf.load(ROOT / "conf" / "target" / "learned.yaml").layer_ids)  # what `target=learned` takes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +32,7 @@ def test_drafter_from_the_cache_is_accepted_online_and_decoding_is_lossless(tmp_
     train_shards = scenes.write_task_shards(tmp_path / "shards", "train", 192, samples_per_shard=48)
     heldout_shards = scenes.write_task_shards(tmp_path / "shards", "heldout", 12)
     for out, shards in (("cache", train_shards), ("heldout", heldout_shards)):
-        cfg = extract_config(tmp_path / out, shards, model, layer_ids=[2, 3, 4])  # conf/target/learned.yaml's
+        cfg = extract_config(tmp_path / out, shards, model, layer_ids=LAYER_IDS)
         cfg.generation.max_new_tokens = 64
         cfg.generation.batch_size = 16
         extract(cfg)
