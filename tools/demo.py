@@ -75,6 +75,9 @@ def main() -> None:
         target_dir = learned_target.ensure(work.parent / "learned-target")
     else:
         target_dir = args.target_dir
+        if not (target_dir / "model").is_dir() or not (target_dir / "accuracy.json").is_file():
+            raise SystemExit(f"--target-dir {target_dir} does not hold a learned target (model/ and accuracy.json, as "
+                             "`python -m tools.learned_target OUT` writes them)")
     print(f"=== the learned target: {target_dir}", flush=True)
     timings["learned target"] = time.perf_counter() - t0
     model = target_dir / "model"
