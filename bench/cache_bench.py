@@ -11,8 +11,9 @@ compare layouts, not disks.
 
 A second table compares ways of reading one cache (each in a fresh process, since decode thread pools are
 sized once per process): every array of a sample in its own zarr call (the reader before `read_samples`), one
-`read_samples` call per sample, random batches of 16 in one call (what the training loader does), and windows
-of 64 neighbouring samples in one call; with 1 decode thread and the default, from the local path and from a
+`read_samples` call per sample, random batches of 16 in one call, the same with the hidden states decoded into
+rows of one padded batch tensor (what the training loader does: `CacheDataset.batch`), and windows of 64
+neighbouring samples in one call; with 1 decode thread and the default, from the local path and from a
 `memory://` store; and zarr's sharding codec (several chunks per stored object, read through zarr) beside
 plain chunks. Objects per shard are counted
 from the files on disk: object stores charge per request.
@@ -101,6 +102,13 @@ def read_paths(root: str, threads: int | None, store: str, sharded: bool) -> dic
     np.random.default_rng(2).shuffle(windows)
     names = ("input_ids", "loss_mask", "position_ids", *reader.manifest.codec.arrays)
 
+    L, H = len(reader.manifest.target_layer_ids), reader.manifest.target.hidden_size
+    lengths = reader.lengths()
+
+    def into_batch(batch):
+        padded = torch.empty(len(batch), int(lengths[batch].max()), L, H, dtype=torch.bfloat16)
+        return reader.read_samples(batch, hidden_into=[padded[b, :lengths[i]] for b, i in enumerate(batch)])
+
     def per_array(i):
         shard, local = reader.locate(i)
         off = reader.offsets(shard)
@@ -109,6 +117,7 @@ def read_paths(root: str, threads: int | None, store: str, sharded: bool) -> dic
     ways = {"per array": lambda: [per_array(i) for i in order],
             "per sample": lambda: [reader[i] for i in order],
             f"batch of {BATCH}": lambda: [reader.read_samples(order[s:s + BATCH]) for s in range(0, n, BATCH)],
+            f"batch of {BATCH} into one tensor": lambda: [into_batch(order[s:s + BATCH]) for s in range(0, n, BATCH)],
             f"window of {WINDOW}": lambda: [reader.read_samples(w) for w in windows]}
     out = {}
     for name, run in ways.items():
@@ -204,8 +213,8 @@ def main() -> None:
         cases.append((f"bf16 zstd 256, {per_object} chunks per object", "local", None, sharded))
     print(f"\nRead paths, tok/s (safetensors per sample: {base_tok_s:.0f} tok/s; in brackets: our speed / that)")
     print(f"| layout | store | decode threads | objects per shard | per array | per sample | batch of {BATCH} | "
-          f"window of {WINDOW} |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"batch of {BATCH} into one tensor | window of {WINDOW} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     root = None
     for layout, store, threads, path in cases:
         root = path or root

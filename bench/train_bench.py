@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,12 +119,9 @@ def run_child(spec: dict) -> dict:
     return result
 
 
-def loader_tokens_per_s(hidden: int, layers: int, workers: int, samples: int = 192) -> float:
-    """Tokens/s the cache DataLoader delivers (random token-budget batches, `workers` processes)."""
-    from cache_schema import CacheReader, CacheWriter, Manifest, Sample, StorageInfo, TargetInfo
-    from torch.utils.data import DataLoader
-
-    from train.data import CacheDataset, collate, token_budget_batches
+def bench_cache(hidden: int, layers: int, samples: int = 192) -> str:
+    """A bf16 + zstd cache of `samples` random conversations of 200-1200 tokens, in two shards."""
+    from cache_schema import CacheWriter, Manifest, Sample, StorageInfo, TargetInfo
 
     root = tempfile.mkdtemp(prefix="train_bench_cache_")
     manifest = Manifest(TargetInfo("bench", "qwen3", 36, hidden, 4096, "x"), list(range(layers)), StorageInfo())
@@ -136,11 +134,43 @@ def loader_tokens_per_s(hidden: int, layers: int, workers: int, samples: int = 1
             shard.add(Sample(f"{s}-{i}", torch.randint(0, 4096, (t,)).int().numpy(), (torch.rand(t) < .6).numpy(),
                              torch.arange(t).int().expand(3, t).numpy(), torch.randn(t, layers, hidden).bfloat16()))
         shard.commit()
-    ds = CacheDataset(CacheReader(root), ["s0", "s1"], "mrope_axis0")
-    batches, _ = token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
+    return root
+
+
+def copied_batch(dataset, indices: list[int]) -> dict:
+    """The loader before `CacheDataset.batch`, for comparison: each sample read into its own arrays, then
+    copied into a zero-filled batch (in a worker, torch then copies that into shared memory to send it)."""
+    from train.data import PAD_MULTIPLE
+
+    ids = [dataset.index[i] for i in indices]
+    samples = dataset.reader.read_samples(ids)
+    B, T = len(ids), -(-max(len(s.input_ids) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
+    L, H = samples[0].hidden_TLH.shape[1:]
+    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
+           "positions": torch.zeros(B, T, dtype=torch.long), "hidden": torch.zeros(B, T, L, H, dtype=torch.bfloat16),
+           "lengths": torch.tensor([len(s.input_ids) for s in samples]), "sample_ids": torch.tensor(ids)}
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
+        out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
+        out["positions"][b, :n] = torch.from_numpy(s.position_ids[0])
+        out["hidden"][b, :n] = s.hidden_TLH
+    return out
+
+
+def loader_tokens_per_s(root: str, workers: int, copied: bool = False) -> float:
+    """Tokens/s the cache DataLoader delivers (random token-budget batches, `workers` processes); `copied`:
+    batches assembled as `copied_batch` does."""
+    from cache_schema import CacheReader
+    from train import data
+
+    ds = data.CacheDataset(CacheReader(root), ["s0", "s1"], "mrope_axis0")
+    batches, _ = data.token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
+    if copied:
+        ds.batch = lambda indices: copied_batch(ds, indices)
     # Steady state: the clock starts once every worker has delivered its first batch (start-up excluded).
     tokens, t0 = 0, None
-    for k, batch in enumerate(DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers)):
+    for k, batch in enumerate(data.batch_loader(ds, batches, workers)):
         if k == max(workers, 1) - 1:
             t0 = time.perf_counter()
         elif t0 is not None:
@@ -157,12 +187,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader ratio")
     parser.add_argument("--quick", action="store_true", help="GPU: only the first configuration")
     parser.add_argument("--loader-only", type=int, metavar="HIDDEN",
-                        help="only the cache loader, at this hidden size x 5 layers, for 1..--workers workers")
+                        help="only the cache loader, at this hidden size x 5 layers, for 0..--workers workers, "
+                        "beside the loader before CacheDataset.batch")
     args = parser.parse_args()
     if args.loader_only:
-        for workers in range(1, args.workers + 1):
-            print(f"cache loader, {workers} workers, hidden {args.loader_only} x 5 layers, bf16 zstd: "
-                  f"{loader_tokens_per_s(args.loader_only, 5, workers):.0f} tok/s", flush=True)
+        root = bench_cache(args.loader_only, 5)
+        print(f"cache loader, hidden {args.loader_only} x 5 layers, bf16 zstd, tok/s: batches read straight into "
+              f"their tensors (CacheDataset.batch) / samples copied into a batch (before)")
+        for workers in range(args.workers + 1):
+            # Alternated, each twice: this machine's speed drifts within a run.
+            new, old = [], []
+            for _ in range(2):
+                new.append(loader_tokens_per_s(root, workers))
+                old.append(loader_tokens_per_s(root, workers, copied=True))
+            print(f"{workers} workers: {max(new):.0f} / {max(old):.0f} = {max(new) / max(old):.2f}x", flush=True)
+        shutil.rmtree(root)
         return
     if args.child:
         print(json.dumps(one_config(json.loads(args.child))))
@@ -183,8 +222,8 @@ def main() -> None:
                   "draft_vocab": 8192}]
     print(f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if args.gpu else 'CPU'}")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if args.gpu and k in torch.cuda.get_device_name()), None)
-    print("| shape | attention | seq | anchors | block | vocab | draft vocab | loss chunk | step ms | tok/s | peak GB | "
-          "TFLOP/s | MFU |")
+    print("| shape | attention | seq | anchors | block | vocab | draft vocab | loss chunk | step ms | tok/s | "
+          "peak GB | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for spec in grid:
@@ -195,12 +234,15 @@ def main() -> None:
             continue
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "-"
         print(f"| {spec['shape']} | {spec['attention']} | {spec['seq']} | {spec['anchors']} | {spec['block']} | "
-              f"{spec['vocab']} | {spec.get('draft_vocab') or 'full'} | {spec['chunk_rows'] or 'none'} | {1000 * r['step_s']:.0f} | "
+              f"{spec['vocab']} | {spec.get('draft_vocab') or 'full'} | {spec['chunk_rows'] or 'none'} | "
+              f"{1000 * r['step_s']:.0f} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} | {r['tflops']:.3f} | {mfu} |", flush=True)
     # The loader is measured at the hidden size of the first configuration and compared with its step.
     first = results[0]
     hidden = (QWEN3VL30B if grid[0]["shape"] == "qwen3vl30b" else SMALL)["hidden_size"]
-    load = loader_tokens_per_s(hidden, 5, args.workers)
+    root = bench_cache(hidden, 5)
+    load = loader_tokens_per_s(root, args.workers)
+    shutil.rmtree(root)
     print(f"cache loader ({args.workers} workers, hidden {hidden} x 5 layers, bf16 zstd): {load:.0f} tok/s; the first "
           f"configuration's step consumes {first['tokens_per_s']:.0f} tok/s; loader/step = "
           f"{load / first['tokens_per_s']:.1f}x")

@@ -10,6 +10,7 @@ other chain, or another chunk grid, go through zarr (`plan` returns None); both 
 """
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from cache_schema.layout import CacheCorruptionError
 _ZSTD = Zstd()
 DECODE_THREADS = 4
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
+_local = threading.local()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -48,20 +50,29 @@ class ChunkPlan:
     def path(self, chunk: int) -> str:
         return f"{self.base}/{self.keys((chunk,) + (0,) * len(self.row_shape))}"
 
-    def decode_into(self, data: bytes, chunk: int, out: np.ndarray) -> None:
-        """Check and decode one chunk's bytes into `out` (a C-contiguous array of one chunk's shape)."""
+    def decode(self, data, chunk: int, out: np.ndarray | None) -> np.ndarray:
+        """Check one chunk's bytes and return its rows: decoded into `out` (C-contiguous, one chunk's shape)
+        when given, else (uncompressed only) a read-only view of `data`."""
         body = memoryview(data)[:-4]
         if len(data) < 4 or crc32c(body) != int.from_bytes(data[-4:], "little"):
             raise CacheCorruptionError(f"{self.where}: chunk {chunk} fails its crc32c check")
         try:
             if self.zstd:
-                _ZSTD.decode(body, out=out)
-            elif len(body) == out.nbytes:
-                out.reshape(-1).view(np.uint8)[:] = np.frombuffer(body, dtype=np.uint8)
-            else:
-                raise ValueError(f"{len(body)} bytes for a chunk of {out.nbytes}")
+                return _ZSTD.decode(body, out=out)
+            rows = np.frombuffer(body, dtype=self.dtype).reshape(self.rows, *self.row_shape)
+            if out is None:
+                return rows
+            out[...] = rows
+            return out
         except (RuntimeError, ValueError) as e:
             raise CacheCorruptionError(f"{self.where}: chunk {chunk} does not decode: {e}") from e
+
+    def scratch(self) -> np.ndarray:
+        """This thread's buffer for one decoded chunk, reused: fresh pages would cost a fault per 4 KiB."""
+        size = self.rows * int(np.prod(self.row_shape)) * self.dtype.itemsize
+        if getattr(_local, "buf", None) is None or _local.buf.nbytes < size:
+            _local.buf = np.empty(size, dtype=np.uint8)
+        return _local.buf[:size].view(self.dtype).reshape(self.rows, *self.row_shape)
 
 
 def plan(array, base: str, where: str) -> ChunkPlan | None:
@@ -83,14 +94,17 @@ def plan(array, base: str, where: str) -> ChunkPlan | None:
                      bool(middle), meta.encode_chunk_key)
 
 
-def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]]) -> list[np.ndarray]:
-    """Rows [start, end) (end > start) of each (plan, start, end).
+def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]], into: list | None = None) -> list[np.ndarray]:
+    """Rows [start, end) (end > start) of each (plan, start, end), written into `into[k]` where that is an
+    array (C-contiguous, of those rows' shape and dtype), else into a new one.
 
     Each chunk is read and decoded once, on the pool: straight into the output where one request holds all of
-    it, else into a scratch chunk copied from. An asynchronous filesystem (object stores) fetches every chunk
-    in one concurrent `fs.cat` first; a local one reads each chunk in its decoding thread.
+    it, else copied from (zstd: from the thread's scratch chunk; uncompressed: from the bytes read). An
+    asynchronous filesystem (object stores) fetches every chunk in one concurrent `fs.cat` first; a local one
+    reads each chunk in its decoding thread.
     """
-    outs = [np.empty((b - a, *p.row_shape), dtype=p.dtype) for p, a, b in requests]
+    outs = [np.empty((b - a, *p.row_shape), dtype=p.dtype) if o is None else o
+            for (p, a, b), o in zip(requests, into or [None] * len(requests), strict=True)]
     users: dict[str, list] = {}  # chunk path -> [(plan, chunk, request, its rows [lo, hi) within the chunk)]
     for k, (p, a, b) in enumerate(requests):
         for c in range(a // p.rows, (b - 1) // p.rows + 1):
@@ -108,13 +122,12 @@ def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]]) -> list[np.ndarr
         (_, _, k, lo, hi), *more = users[path]
         if not more and (lo, hi) == (0, p.rows):
             start = c * p.rows - requests[k][1]
-            p.decode_into(data, c, outs[k][start:start + p.rows])
+            p.decode(data, c, outs[k][start:start + p.rows])
             return
-        scratch = np.empty((p.rows, *p.row_shape), dtype=p.dtype)
-        p.decode_into(data, c, scratch)
+        rows = p.decode(data, c, p.scratch() if p.zstd else None)
         for _, _, k, lo, hi in users[path]:
             start = c * p.rows + lo - requests[k][1]
-            outs[k][start:start + hi - lo] = scratch[lo:hi]
+            outs[k][start:start + hi - lo] = rows[lo:hi]
 
     list(_pool().map(one, users))
     return outs

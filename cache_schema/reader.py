@@ -152,56 +152,57 @@ class CacheReader:
     def __getitem__(self, index: int) -> Sample:
         return self.read_samples([index])[0]
 
-    def read_samples(self, indices) -> list[Sample]:
+    def read_samples(self, indices, hidden_into: list[torch.Tensor] | None = None) -> list[Sample]:
         """The samples at `indices` (global, any order, repeats allowed), in that order.
 
-        Samples whose token ranges lie less than a chunk apart are read as one range, so a chunk they share is
-        decoded once; all chunks of all arrays are fetched in one call and decoded on a thread pool
-        (`cache_schema/chunks.py`). bench/cache_bench.py measures it against reading samples one by one.
+        All chunks of all arrays are fetched in one call and decoded on a thread pool, each chunk once even
+        where neighbouring samples share it (`cache_schema/chunks.py`). `hidden_into`, when given, holds one
+        C-contiguous bf16 tensor per index, shaped like that sample's hidden states: they are written there (a
+        bf16 cache decodes its chunks straight into them) and become the samples' `hidden_TLH`; the training
+        collation passes rows of its padded batch, so no sample-sized copy is made.
         """
         located = [self.locate(int(index)) for index in indices]
-        by_shard: dict[str, list[int]] = {}
-        for shard, local in located:
-            by_shard.setdefault(shard, []).append(local)
         codec = self.manifest.codec
         names = ("input_ids", "loss_mask", "position_ids", *codec.arrays)
-        chunk = self.manifest.storage.chunk_tokens
-        where, requests = {}, []  # (shard, local) -> index of the request that holds it; (shard, token slice)
-        for shard, locals_ in by_shard.items():
-            off = self.offsets(shard)
-            runs: list[list[int]] = []  # [first token, end token] of each read
-            for local in sorted(set(locals_)):
-                a, b = int(off[local]), int(off[local + 1])
-                # A gap shorter than a chunk lies in chunks its neighbours decode anyway: read through it.
-                if runs and a - runs[-1][1] < chunk:
-                    runs[-1][1] = max(runs[-1][1], b)
-                else:
-                    runs.append([a, b])
-                where[shard, local] = len(requests) + len(runs) - 1
-            for a, b in runs:
-                requests.append((shard, slice(a, b)))
-        # offsets() above opened (and checked) every shard involved.
-        results = self._fetch([(shard, name, sel) for shard, sel in requests for name in names])
-        data = {(r, name): results[r * len(names) + k] for r in range(len(requests)) for k, name in enumerate(names)}
-        out = []
+        spans = []
         for shard, local in located:
-            r = where[shard, local]
-            off = self.offsets(shard)
-            span = slice(int(off[local]) - requests[r][1].start, int(off[local + 1]) - requests[r][1].start)
+            off = self.offsets(shard)  # opens (and checks) the shard
+            spans.append(slice(int(off[local]), int(off[local + 1])))
+        into: list = [None] * (len(located) * len(names))
+        if hidden_into is not None:
+            L, H = len(self.manifest.target_layer_ids), self.manifest.target.hidden_size
+            for j, (t, span) in enumerate(zip(hidden_into, spans, strict=True)):
+                if t.dtype != torch.bfloat16 or tuple(t.shape) != (span.stop - span.start, L, H) \
+                        or not t.is_contiguous():
+                    raise ValueError(f"hidden_into[{j}]: {t.dtype} {tuple(t.shape)} for a sample of "
+                                     f"{span.stop - span.start} x {L} x {H} bf16 (C-contiguous)")
+                if codec.name == "bf16":
+                    into[j * len(names) + names.index("hidden")] = t.view(torch.int16).numpy().view(np.uint16)
+        data = self._fetch([(shard, name, span) for (shard, _), span in zip(located, spans) for name in names],
+                           into)
+        out = []
+        for j, (shard, local) in enumerate(located):
+            arrays = dict(zip(names, data[j * len(names):(j + 1) * len(names)]))
             meta = dict(self.metas(shard)[local])
-            hidden = codec.decode(*(data[r, name][span] for name in codec.arrays))
-            out.append(Sample(key=meta.pop("key"), input_ids=data[r, "input_ids"][span],
-                              loss_mask=data[r, "loss_mask"][span].astype(bool),
-                              position_ids=data[r, "position_ids"][span].T.copy(), hidden_TLH=hidden, meta=meta))
+            if hidden_into is None:
+                hidden = codec.decode(*(arrays[name] for name in codec.arrays))
+            elif codec.name == "bf16":
+                hidden = hidden_into[j]
+            else:
+                hidden = hidden_into[j].copy_(codec.decode(*(arrays[name] for name in codec.arrays)))
+            out.append(Sample(key=meta.pop("key"), input_ids=arrays["input_ids"],
+                              loss_mask=arrays["loss_mask"].astype(bool),
+                              position_ids=arrays["position_ids"].T.copy(), hidden_TLH=hidden, meta=meta))
         return out
 
-    def _fetch(self, reads: list[tuple[str, str, slice]]) -> list[np.ndarray]:
-        """Each (shard, array, token slice): straight from the chunk files where `chunks.plan` knows the array's
-        codec chain, through zarr (all concurrently) for the rest."""
+    def _fetch(self, reads: list[tuple[str, str, slice]], into: list | None = None) -> list[np.ndarray]:
+        """Each (shard, array, token slice), into `into[k]` where that is an array: straight from the chunk
+        files where `chunks.plan` knows the array's codec chain, through zarr (all concurrently) for the rest."""
+        into = into or [None] * len(reads)
         out: list = [None] * len(reads)
         direct = [k for k, (shard, name, _) in enumerate(reads) if self._plans[shard, name] is not None]
         ranges = [(self._plans[reads[k][:2]], reads[k][2].start, reads[k][2].stop) for k in direct]
-        for k, rows in zip(direct, chunks.read_ranges(self.loc.fs, ranges)):
+        for k, rows in zip(direct, chunks.read_ranges(self.loc.fs, ranges, [into[k] for k in direct])):
             out[k] = rows
         rest = [k for k in range(len(reads)) if out[k] is None]
 
@@ -214,6 +215,9 @@ class CacheReader:
                 raise CacheCorruptionError(f"shard {reads[k][0]}, array {reads[k][1]}: {result}") from result
             if isinstance(result, BaseException):
                 raise result
+            if into[k] is not None:
+                into[k][...] = result
+                result = into[k]
             out[k] = result
         return out
 

@@ -58,19 +58,29 @@ def test_bf16_round_trip_is_bit_exact(cache_url, compression):
     np.testing.assert_array_equal(reader.lengths(), LENGTHS)
 
 
-@pytest.mark.parametrize("hidden_dtype", ["bf16", "fp8_e4m3"])
-def test_batch_read_equals_reading_one_by_one(tmp_path, hidden_dtype):
-    # Short samples around 64-token chunks: neighbours closer than a chunk are read as one range, farther ones
-    # apart; indices span shards, come unsorted and repeat.
+@pytest.mark.parametrize("into", [False, True], ids=["new arrays", "hidden_into"])
+@pytest.mark.parametrize("hidden_dtype,compression", [("bf16", "none"), ("bf16", "zstd"), ("fp8_e4m3", "zstd"),
+                                                       ("bf16", "blosc_lz4")])  # blosc: read through zarr
+def test_batch_read_equals_reading_one_by_one(tmp_path, hidden_dtype, compression, into):
+    # Short samples around 64-token chunks: neighbours share chunks, which are decoded once for both; indices
+    # span shards, come unsorted and repeat. With hidden_into the hidden states land in rows of one padded
+    # batch tensor, filled with NaN first so that a row left unwritten shows.
     lengths = [3, 40, 100, 7, 64, 1, 130, 20, 66, 5, 90, 12]
     url = str(tmp_path / "cache")
-    manifest = make_manifest(hidden_dtype=hidden_dtype, chunk_tokens=64)
+    manifest = make_manifest(hidden_dtype=hidden_dtype, chunk_tokens=64, compression=compression)
     written = write_cache(url, manifest, lengths, shards=2)
     codec = manifest.codec
     reader = CacheReader(url)
     for indices in ([0, 1, 2, 3], [11, 0, 5, 7, 5, 2], [8, 9, 10, 4, 6], list(range(len(lengths)))[::-1], [6]):
-        batch = reader.read_samples(indices)
+        dest = None
+        if into:
+            padded = torch.full((len(indices), 140, *written[0].hidden_TLH.shape[1:]), float("nan"),
+                                dtype=torch.bfloat16)
+            dest = [padded[b, :lengths[i]] for b, i in enumerate(indices)]
+        batch = reader.read_samples(indices, hidden_into=dest)
         assert [s.key for s in batch] == [f"s{i:04d}" for i in indices]
+        if into:
+            assert all(s.hidden_TLH.data_ptr() == d.data_ptr() for s, d in zip(batch, dest))
         for got, i in zip(batch, indices):
             want = written[i]
             stored = codec.decode(*codec.encode(want.hidden_TLH))  # what the codec keeps (bf16: everything)
@@ -78,6 +88,17 @@ def test_batch_read_equals_reading_one_by_one(tmp_path, hidden_dtype):
             for name in ("input_ids", "loss_mask", "position_ids"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
             assert got.meta == {**want.meta}
+
+
+def test_hidden_into_of_the_wrong_shape_is_refused(tmp_path):
+    url = str(tmp_path / "cache")
+    written = write_cache(url, make_manifest(), [5, 9])
+    reader = CacheReader(url)
+    L, H = written[0].hidden_TLH.shape[1:]
+    for bad in (torch.empty(5, L, H + 1, dtype=torch.bfloat16), torch.empty(5, L, H, dtype=torch.float32),
+                torch.empty(5, H, L, dtype=torch.bfloat16).transpose(1, 2)):
+        with pytest.raises(ValueError, match=r"hidden_into\[0\]"):
+            reader.read_samples([0], hidden_into=[bad])
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "blosc_lz4"])

@@ -188,6 +188,31 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
     assert "eval/loss" in (run / "metrics.jsonl").read_text()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_padded_batches_equal_samples_padded_by_hand(cache, workers):
+    """CacheDataset.batch reads hidden states straight into the batch (in shared memory inside a worker); every
+    field equals the per-sample items padded naively with zeros to a multiple of PAD_MULTIPLE."""
+    from cache_schema import CacheReader
+    from train.data import PAD_MULTIPLE, CacheDataset, batch_loader
+
+    reader = CacheReader(str(cache))
+    dataset = CacheDataset(reader, reader.shards, "mrope_axis0")
+    batches = [[3, 0, 5], [1], list(range(len(dataset)))[::-1]]
+    for indices, got in zip(batches, batch_loader(dataset, batches, workers), strict=True):
+        items = [dataset[i] for i in indices]
+        T = max(len(x["input_ids"]) for x in items)
+        T = -(-T // PAD_MULTIPLE) * PAD_MULTIPLE
+        assert got["hidden"].shape[:2] == (len(indices), T) and got["hidden"].dtype == torch.bfloat16
+        assert got["lengths"].tolist() == [len(x["input_ids"]) for x in items]
+        assert got["sample_ids"].tolist() == [x["sample_id"] for x in items]
+        for key in ("input_ids", "loss_mask", "positions", "hidden"):
+            for b, x in enumerate(items):
+                want = torch.zeros_like(got[key][b])
+                want[:len(x[key])] = x[key]
+                assert torch.equal(got[key][b].view(torch.int16) if key == "hidden" else got[key][b],
+                                   want.view(torch.int16) if key == "hidden" else want), (indices, key, b)
+
+
 def test_position_source_picks_mrope_axis0_or_sequential(cache):
     from cache_schema import CacheReader
     from train.data import CacheDataset

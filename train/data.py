@@ -1,15 +1,22 @@
-"""Cache samples as training batches: a map-style dataset, length-bucketed token-budget batches, collation."""
+"""Cache samples as training batches: a map-style dataset, length-bucketed token-budget batches, padded batches
+read straight into their tensors and the DataLoader that delivers them."""
 
 import logging
+import math
 import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheReader
 
 log = logging.getLogger(__name__)
+
+
+# Padded lengths are rounded up to this multiple so that compiled flex-attention kernels see a bounded set of
+# shapes instead of recompiling for every batch; padding changes no draw and no loss (see train/objective.py).
+PAD_MULTIPLE = 64
 
 
 class CacheDataset(Dataset):
@@ -31,18 +38,61 @@ class CacheDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        return self.__getitems__([i])[0]
+        """One sample, unpadded."""
+        sample_id = self.index[i]
+        s = self.reader[sample_id]
+        return {"sample_id": sample_id, "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
+                "loss_mask": torch.from_numpy(s.loss_mask), "positions": torch.from_numpy(self._positions(s)),
+                "hidden": s.hidden_TLH}
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A whole batch in one concurrent cache read (the DataLoader calls this with a batch's indices)."""
+    def _positions(self, s) -> np.ndarray:
+        return (s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))).astype(np.int64)
+
+    def batch(self, indices: list[int]) -> dict:
+        """The samples at `indices` as one padded batch, read in one concurrent cache call with the hidden
+        states decoded straight into the batch tensor (no per-sample copy); padding is zero."""
         ids = [self.index[i] for i in indices]
-        items = []
-        for sample_id, s in zip(ids, self.reader.read_samples(ids)):
-            positions = s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))
-            items.append({"sample_id": sample_id, "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
-                          "loss_mask": torch.from_numpy(s.loss_mask),
-                          "positions": torch.from_numpy(positions.astype(np.int64)), "hidden": s.hidden_TLH})
-        return items
+        lengths = [int(self.lengths[i]) for i in indices]
+        T = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+        B = len(ids)
+        L, H = len(self.reader.manifest.target_layer_ids), self.reader.manifest.target.hidden_size
+        hidden = _batch_tensor((B, T, L, H), torch.bfloat16)
+        samples = self.reader.read_samples(ids, hidden_into=[hidden[b, :n] for b, n in enumerate(lengths)])
+        out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
+               "positions": torch.zeros(B, T, dtype=torch.long), "hidden": hidden,
+               "lengths": torch.tensor(lengths), "sample_ids": torch.tensor(ids)}
+        for b, (s, n) in enumerate(zip(samples, lengths)):
+            out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
+            out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
+            out["positions"][b, :n] = torch.from_numpy(self._positions(s))
+            hidden[b, n:] = 0
+        return out
+
+
+def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory, so that handing it to the main
+    process copies nothing (torch's default collation does the same)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+class PaddedBatches(Dataset):
+    """A CacheDataset's padded batches, one per list of indices: the dataset of `batch_loader`."""
+
+    def __init__(self, dataset: CacheDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        return self.dataset.batch(indices)
+
+
+def batch_loader(dataset: CacheDataset, batches: list[list[int]], num_workers: int) -> DataLoader:
+    """Padded batches in the order of `batches`; each is read and assembled whole in a worker (or in
+    process with 0 workers) and arrives as is."""
+    return DataLoader(PaddedBatches(dataset), sampler=batches, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False)
 
 
 def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, bucket: int, seed: int,
@@ -69,26 +119,6 @@ def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, 
             batches.append(current)
     rng.shuffle(batches)
     return batches, skipped
-
-
-# Padded lengths are rounded up to this multiple so that compiled flex-attention kernels see a bounded set of
-# shapes instead of recompiling for every batch; padding changes no draw and no loss (see train/objective.py).
-PAD_MULTIPLE = 64
-
-
-def collate(items: list[dict]) -> dict:
-    T = -(-max(len(x["input_ids"]) for x in items) // PAD_MULTIPLE) * PAD_MULTIPLE
-    B = len(items)
-    L, H = items[0]["hidden"].shape[1:]
-    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
-           "positions": torch.zeros(B, T, dtype=torch.long), "hidden": torch.zeros(B, T, L, H, dtype=torch.bfloat16),
-           "lengths": torch.tensor([len(x["input_ids"]) for x in items]),
-           "sample_ids": torch.tensor([x["sample_id"] for x in items])}
-    for b, x in enumerate(items):
-        n = len(x["input_ids"])
-        for key in ("input_ids", "loss_mask", "positions", "hidden"):
-            out[key][b, :n] = x[key]
-    return out
 
 
 def split_shards(reader: CacheReader, eval_shards: int) -> tuple[list[str], list[str]]:

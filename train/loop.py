@@ -11,7 +11,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache_schema import CacheReader
@@ -19,7 +18,7 @@ from train import checkpoint
 from train.checkpoint import TrainState
 from train.compat import resolve_drafter
 from train.config import DrafterConfig, TrainConfig, validate
-from train.data import CacheDataset, collate, epoch_batches, split_shards
+from train.data import CacheDataset, batch_loader, epoch_batches, split_shards
 from train.metrics import MetricLog
 from train.model import Drafter
 from train.objective import Objective, add_sums, draft_vocab, summarise
@@ -48,9 +47,7 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
             raise ValueError(f"{len(batches)} batches per epoch for {world} processes: lower "
                              "data.max_tokens_per_batch or add data")
         mine = batches[rank:per_rank * world:world]
-        loader = DataLoader(dataset, batch_sampler=mine[state.cursor:], collate_fn=collate,
-                            num_workers=cfg.data.num_workers, persistent_workers=False)
-        for batch in loader:
+        for batch in batch_loader(dataset, mine[state.cursor:], cfg.data.num_workers):
             state.cursor += 1
             yield batch
         state.epoch, state.cursor = state.epoch + 1, 0
@@ -59,7 +56,7 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
 @torch.no_grad()
 def evaluate(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
     sums: dict = {}
-    for batch in DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0):
+    for batch in batch_loader(dataset, batches, num_workers=0):
         batch = {k: v.to(device) for k, v in batch.items()}
         # Fixed draws (step 0): evaluations compare across steps.
         add_sums(sums, objective.loss(model, batch, objective.blocks(batch, step=0))[1])
