@@ -32,8 +32,15 @@ log = logging.getLogger("extract")
 def resolve_layer_ids(cfg: ExtractConfig, config) -> list[int]:
     num_layers = config.get_text_config().num_hidden_layers
     deepstack = deepstack_layers(config)
-    ids = list(cfg.target.layer_ids) if cfg.target.layer_ids else default_layer_ids(
-        num_layers, cfg.target.num_capture_layers, start=max(1, deepstack))
+    if cfg.target.layer_ids:
+        ids = list(cfg.target.layer_ids)
+    else:
+        n, start = cfg.target.num_capture_layers, max(1, deepstack)
+        ids = default_layer_ids(num_layers, n, start=start)
+        if len(set(ids)) < n:
+            raise ValueError(f"target.num_capture_layers={n}: the default spread over layers {start}..{num_layers - 3} "
+                             f"of this {num_layers}-layer target repeats ids ({ids}); set target.layer_ids "
+                             "explicitly or capture fewer layers")
     check_layer_ids(ids, num_layers, deepstack)
     return ids
 

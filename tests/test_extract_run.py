@@ -233,6 +233,14 @@ def test_invalid_layer_ids_are_refused_before_loading(tmp_path, tiny_targets, de
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_default_spread_with_repeated_ids_is_refused_by_its_cause(tmp_path, tiny_targets, demo_shards):
+    cfg = config(tmp_path / "cache", demo_shards[:1], tiny_targets / "qwen3_vl")  # 8 layers, deepstack 0..1
+    cfg.target.layer_ids, cfg.target.num_capture_layers = None, 5  # layers 2..5 hold only four ids
+    with pytest.raises(ValueError, match=r"num_capture_layers=5: .* 8-layer target repeats ids .* set target.layer_ids"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_supervise_history_off_keeps_only_the_last_turn_and_turn_counts_reach_the_summary(tmp_path, tiny_targets,
                                                                                           demo_shards):
     def run_with(out, supervise_history):
