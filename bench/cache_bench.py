@@ -12,7 +12,7 @@ compare layouts, not disks. Every read figure is the best of three passes.
 A second table compares ways of reading one cache (each in a fresh process, since decode thread pools are
 sized once per process): every array of a sample in its own zarr call (the reader before `read_samples`), one
 `read_samples` call per sample, random batches of 16 in one call, the same with the hidden states decoded into
-rows of one padded batch tensor (what the training loader does: `CacheDataset.batch`), and windows of 64
+rows of one padded batch tensor (the hidden-state part of `CacheDataset.batch`), and windows of 64
 neighbouring samples in one call; with 1 decode thread and the default, from the local path and from a
 `memory://` store; and zarr's sharding codec (several chunks per stored object, read through zarr) beside
 plain chunks. Objects per shard are counted

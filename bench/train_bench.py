@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import DrafterConfig  # noqa: E402
+from train.data import PAD_MULTIPLE, CacheDataset, batch_loader, token_budget_batches  # noqa: E402
 from train.model import Drafter  # noqa: E402
 from train.objective import Objective, draft_vocab, summarise  # noqa: E402
 
@@ -137,40 +138,39 @@ def bench_cache(hidden: int, layers: int, samples: int = 192) -> str:
     return root
 
 
-def copied_batch(dataset, indices: list[int]) -> dict:
-    """The loader before `CacheDataset.batch`, for comparison: each sample read into its own arrays, then
-    copied into a zero-filled batch (in a worker, torch then copies that into shared memory to send it)."""
-    from train.data import PAD_MULTIPLE
+class CopiedBatches(CacheDataset):
+    """The collation before `CacheDataset.batch`, for comparison (same reader): each sample read into its own
+    arrays, then copied into a zero-filled batch (in a worker, torch then copies that into shared memory to
+    send it)."""
 
-    ids = [dataset.index[i] for i in indices]
-    samples = dataset.reader.read_samples(ids)
-    B, T = len(ids), -(-max(len(s.input_ids) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
-    L, H = samples[0].hidden_TLH.shape[1:]
-    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
-           "positions": torch.zeros(B, T, dtype=torch.long), "hidden": torch.zeros(B, T, L, H, dtype=torch.bfloat16),
-           "lengths": torch.tensor([len(s.input_ids) for s in samples]), "sample_ids": torch.tensor(ids)}
-    for b, s in enumerate(samples):
-        n = len(s.input_ids)
-        out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
-        out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
-        out["positions"][b, :n] = torch.from_numpy(s.position_ids[0])
-        out["hidden"][b, :n] = s.hidden_TLH
-    return out
+    def batch(self, indices: list[int]) -> dict:
+        ids = [self.index[i] for i in indices]
+        samples = self.reader.read_samples(ids)
+        B, T = len(ids), -(-max(len(s.input_ids) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
+        L, H = samples[0].hidden_TLH.shape[1:]
+        out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
+               "positions": torch.zeros(B, T, dtype=torch.long),
+               "hidden": torch.zeros(B, T, L, H, dtype=torch.bfloat16),
+               "lengths": torch.tensor([len(s.input_ids) for s in samples]), "sample_ids": torch.tensor(ids)}
+        for b, s in enumerate(samples):
+            n = len(s.input_ids)
+            out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
+            out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
+            out["positions"][b, :n] = torch.from_numpy(s.position_ids[0])
+            out["hidden"][b, :n] = s.hidden_TLH
+        return out
 
 
 def loader_tokens_per_s(root: str, workers: int, copied: bool = False) -> float:
     """Tokens/s the cache DataLoader delivers (random token-budget batches, `workers` processes); `copied`:
-    batches assembled as `copied_batch` does."""
+    batches assembled as `CopiedBatches` does."""
     from cache_schema import CacheReader
-    from train import data
 
-    ds = data.CacheDataset(CacheReader(root), ["s0", "s1"], "mrope_axis0")
-    batches, _ = data.token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
-    if copied:
-        ds.batch = lambda indices: copied_batch(ds, indices)
+    ds = (CopiedBatches if copied else CacheDataset)(CacheReader(root), ["s0", "s1"], "mrope_axis0")
+    batches, _ = token_budget_batches(ds.lengths, 8192, 8192, 64, 0, 0)
     # Steady state: the clock starts once every worker has delivered its first batch (start-up excluded).
     tokens, t0 = 0, None
-    for k, batch in enumerate(data.batch_loader(ds, batches, workers)):
+    for k, batch in enumerate(batch_loader(ds, batches, workers)):
         if k == max(workers, 1) - 1:
             t0 = time.perf_counter()
         elif t0 is not None:
@@ -188,12 +188,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="GPU: only the first configuration")
     parser.add_argument("--loader-only", type=int, metavar="HIDDEN",
                         help="only the cache loader, at this hidden size x 5 layers, for 0..--workers workers, "
-                        "beside the loader before CacheDataset.batch")
+                        "beside the collation before CacheDataset.batch")
     args = parser.parse_args()
     if args.loader_only:
         root = bench_cache(args.loader_only, 5)
         print(f"cache loader, hidden {args.loader_only} x 5 layers, bf16 zstd, tok/s: batches read straight into "
-              f"their tensors (CacheDataset.batch) / samples copied into a batch (before)")
+              f"their tensors (CacheDataset.batch) / samples copied into a batch (the collation before)")
         for workers in range(args.workers + 1):
             # Alternated, each twice: this machine's speed drifts within a run.
             new, old = [], []

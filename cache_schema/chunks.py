@@ -11,7 +11,7 @@ other chain, or another chunk grid, go through zarr (`plan` returns None); both 
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +58,10 @@ class ChunkPlan:
             raise CacheCorruptionError(f"{self.where}: chunk {chunk} fails its crc32c check")
         try:
             if self.zstd:
+                # numcodecs fills a shorter frame's worth of `out` without a word, and the scratch `out` holds
+                # another chunk's rows: the frame must declare exactly one chunk.
+                if (size := _frame_content_size(body)) != out.nbytes:
+                    raise ValueError(f"a zstd frame of {size} bytes for a chunk of {out.nbytes}")
                 return _ZSTD.decode(body, out=out)
             rows = np.frombuffer(body, dtype=self.dtype).reshape(self.rows, *self.row_shape)
             if out is None:
@@ -73,6 +77,19 @@ class ChunkPlan:
         if getattr(_local, "buf", None) is None or _local.buf.nbytes < size:
             _local.buf = np.empty(size, dtype=np.uint8)
         return _local.buf[:size].view(self.dtype).reshape(self.rows, *self.row_shape)
+
+
+def _frame_content_size(frame) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1); None if it declares none."""
+    if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    at = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # past the window and dictionary fields
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if not width or len(frame) < at + width:
+        return None
+    return int.from_bytes(frame[at:at + width], "little") + (256 if width == 2 else 0)
 
 
 def plan(array, base: str, where: str) -> ChunkPlan | None:
@@ -95,7 +112,7 @@ def plan(array, base: str, where: str) -> ChunkPlan | None:
 
 
 def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]], into: list | None = None) -> list[np.ndarray]:
-    """Rows [start, end) (end > start) of each (plan, start, end), written into `into[k]` where that is an
+    """Rows [start, end) of each (plan, start, end), written into `into[k]` where that is an
     array (C-contiguous, of those rows' shape and dtype), else into a new one.
 
     Each chunk is read and decoded once, on the pool: straight into the output where one request holds all of
@@ -107,7 +124,7 @@ def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]], into: list | Non
             for (p, a, b), o in zip(requests, into or [None] * len(requests), strict=True)]
     users: dict[str, list] = {}  # chunk path -> [(plan, chunk, request, its rows [lo, hi) within the chunk)]
     for k, (p, a, b) in enumerate(requests):
-        for c in range(a // p.rows, (b - 1) // p.rows + 1):
+        for c in range(a // p.rows, (b - 1) // p.rows + 1 if b > a else 0):
             users.setdefault(p.path(c), []).append((p, c, k, max(a - c * p.rows, 0), min(b - c * p.rows, p.rows)))
     blobs = fs.cat(list(users), on_error="return") if getattr(fs, "async_impl", False) and users else None
 
@@ -129,5 +146,9 @@ def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]], into: list | Non
             start = c * p.rows + lo - requests[k][1]
             outs[k][start:start + hi - lo] = rows[lo:hi]
 
-    list(_pool().map(one, users))
+    # Every task ends before an error is raised: the outputs may be the caller's, reused after a failure.
+    tasks = [_pool().submit(one, path) for path in users]
+    wait(tasks)
+    for task in tasks:
+        task.result()
     return outs

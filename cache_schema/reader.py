@@ -158,8 +158,8 @@ class CacheReader:
         All chunks of all arrays are fetched in one call and decoded on a thread pool, each chunk once even
         where neighbouring samples share it (`cache_schema/chunks.py`). `hidden_into`, when given, holds one
         C-contiguous bf16 tensor per index, shaped like that sample's hidden states: they are written there (a
-        bf16 cache decodes its chunks straight into them) and become the samples' `hidden_TLH`; the training
-        collation passes rows of its padded batch, so no sample-sized copy is made.
+        bf16 cache decodes its chunks straight into them) and become the samples' `hidden_TLH`.
+        `train.data.CacheDataset.batch` passes the rows of its padded batch, so no sample-sized copy is made.
         """
         located = [self.locate(int(index)) for index in indices]
         codec = self.manifest.codec
@@ -173,9 +173,9 @@ class CacheReader:
             L, H = len(self.manifest.target_layer_ids), self.manifest.target.hidden_size
             for j, (t, span) in enumerate(zip(hidden_into, spans, strict=True)):
                 if t.dtype != torch.bfloat16 or tuple(t.shape) != (span.stop - span.start, L, H) \
-                        or not t.is_contiguous():
-                    raise ValueError(f"hidden_into[{j}]: {t.dtype} {tuple(t.shape)} for a sample of "
-                                     f"{span.stop - span.start} x {L} x {H} bf16 (C-contiguous)")
+                        or not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError(f"hidden_into[{j}]: {t.dtype} {tuple(t.shape)} on {t.device} for a sample of "
+                                     f"{span.stop - span.start} x {L} x {H} bf16 (C-contiguous, CPU)")
                 if codec.name == "bf16":
                     into[j * len(names) + names.index("hidden")] = t.view(torch.int16).numpy().view(np.uint16)
         data = self._fetch([(shard, name, span) for (shard, _), span in zip(located, spans) for name in names],

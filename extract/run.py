@@ -37,10 +37,10 @@ def resolve_layer_ids(cfg: ExtractConfig, config) -> list[int]:
     else:
         n, start = cfg.target.num_capture_layers, max(1, deepstack)
         ids = default_layer_ids(num_layers, n, start=start)
-        if len(set(ids)) < n:
+        if ids != sorted(set(ids)):
             raise ValueError(f"target.num_capture_layers={n}: the default spread over layers {start}..{num_layers - 3} "
-                             f"of this {num_layers}-layer target repeats ids ({ids}); set target.layer_ids "
-                             "explicitly or capture fewer layers")
+                             f"of this {num_layers}-layer target has no {n} distinct ids ({ids}); set "
+                             "target.layer_ids explicitly or capture fewer layers")
     check_layer_ids(ids, num_layers, deepstack)
     return ids
 

@@ -96,7 +96,8 @@ def test_hidden_into_of_the_wrong_shape_is_refused(tmp_path):
     reader = CacheReader(url)
     L, H = written[0].hidden_TLH.shape[1:]
     for bad in (torch.empty(5, L, H + 1, dtype=torch.bfloat16), torch.empty(5, L, H, dtype=torch.float32),
-                torch.empty(5, H, L, dtype=torch.bfloat16).transpose(1, 2)):
+                torch.empty(5, H, L, dtype=torch.bfloat16).transpose(1, 2),
+                torch.empty(5, L, H, dtype=torch.bfloat16, device="meta")):
         with pytest.raises(ValueError, match=r"hidden_into\[0\]"):
             reader.read_samples([0], hidden_into=[bad])
 
@@ -237,6 +238,24 @@ def test_flipped_byte_is_detected_and_named(cache_url, array):
     with pytest.raises(CacheCorruptionError, match=rf"shard shard-001, array {array}"):
         reader.read_samples(range(len(reader)))
     reader[0]  # other shards stay readable
+
+
+def test_a_zstd_chunk_that_decodes_short_is_corruption_not_stale_rows(cache_url):
+    """A frame declaring fewer bytes than a chunk, behind a valid crc32c (as a writer bug would leave it), is
+    refused: numcodecs would fill only part of the reused scratch buffer and leave another chunk's rows."""
+    from crc32c import crc32c
+    from numcodecs import Zstd
+
+    write_cache(cache_url, make_manifest(compression="zstd"), lengths=[70, 70], shards=1)  # 64-token chunks
+    loc = Location(cache_url)
+    victim = sorted(_chunk_files(cache_url, "shard-000", "hidden"))[1]
+    rows = np.frombuffer(Zstd().decode(loc.fs.cat_file(victim)[:-4]), dtype=np.uint8)
+    short = Zstd().encode(rows[:len(rows) // 2].copy())
+    loc.fs.pipe_file(victim, short + crc32c(short).to_bytes(4, "little"))
+    reader = CacheReader(cache_url)
+    for into in (None, [torch.empty(70, 3, 32, dtype=torch.bfloat16) for _ in range(2)]):
+        with pytest.raises(CacheCorruptionError, match="shard shard-000, array hidden: chunk 1 does not decode"):
+            reader.read_samples([0, 1], hidden_into=into)
 
 
 def test_unknown_major_schema_version_is_refused(cache_url):
