@@ -12,8 +12,9 @@ Both sides run in one process on the same conversations:
 `--regeneration` measures greedy regeneration alone instead, batches in input order against length-sorted
 windows (`generation.sort_window`), and those windows again with a static KV cache (which transformers compiles
 on CUDA): generated tokens/s, decoding steps (the longest last-turn answer of each batch, summed),
-conversations whose answers differ from input order's, and on a GPU the ratio to the weight-bandwidth limit (every decoding step reads every weight once). `--shape learned` uses the committed
-learned target on its scene prompts, whose answer lengths follow the dataset's as a real target's do.
+conversations whose answers differ from input order's, and on a GPU the ratio to the weight-bandwidth limit
+(every decoding step reads every weight once). `--shape learned` uses the committed learned target on its scene
+prompts, whose answer lengths follow the dataset's as a real target's do.
 """
 
 import argparse

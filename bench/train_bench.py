@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import DrafterConfig  # noqa: E402
-from train.data import PAD_MULTIPLE, CacheDataset, batch_loader, token_budget_batches  # noqa: E402
+from train.data import CacheDataset, batch_loader, padded_length, token_budget_batches  # noqa: E402
 from train.model import Drafter  # noqa: E402
 from train.objective import Objective, draft_vocab, summarise  # noqa: E402
 
@@ -146,7 +146,7 @@ class CopiedBatches(CacheDataset):
     def batch(self, indices: list[int]) -> dict:
         ids = [self.index[i] for i in indices]
         samples = self.reader.read_samples(ids)
-        B, T = len(ids), -(-max(len(s.input_ids) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
+        B, T = len(ids), padded_length([len(s.input_ids) for s in samples])
         L, H = samples[0].hidden_TLH.shape[1:]
         out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
                "positions": torch.zeros(B, T, dtype=torch.long),

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 PAD_MULTIPLE = 64
 
 
+def padded_length(lengths) -> int:
+    """The time axis of a batch holding samples of these lengths."""
+    return -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 class CacheDataset(Dataset):
     """Samples of the chosen shards of a cache; `positions` is the drafter's 1-D position source."""
 
@@ -53,7 +58,7 @@ class CacheDataset(Dataset):
         states decoded straight into the batch tensor (no per-sample copy); padding is zero."""
         ids = [self.index[i] for i in indices]
         lengths = [int(self.lengths[i]) for i in indices]
-        T = -(-max(lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+        T = padded_length(lengths)
         B = len(ids)
         L, H = len(self.reader.manifest.target_layer_ids), self.reader.manifest.target.hidden_size
         hidden = _batch_tensor((B, T, L, H), torch.bfloat16)
