@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extract.capture import capture  # noqa: E402
 from extract.formats import parse_sample  # noqa: E402
+from extract.prompts import GenerationSettings, Prompts  # noqa: E402
 from extract.regenerate import build_sequences  # noqa: E402
 from extract.run import length_sorted_batches, make_manifest  # noqa: E402
 from extract.config import ExtractConfig, TargetConfig  # noqa: E402
@@ -68,6 +69,15 @@ CONF_TARGETS = Path(__file__).resolve().parents[1] / "conf" / "target"
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 
 
+def unbounded(target: Target, max_new_tokens: int) -> Prompts:
+    """The target's prompts with no length limit: the bench times every conversation it is given."""
+    return Prompts(target, GenerationSettings(max_new_tokens=max_new_tokens, max_length=1 << 20))
+
+
+def no_skip(key, skip):
+    raise AssertionError(f"bench conversation {key} skipped: {skip}")
+
+
 def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, device: str) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in target.model.parameters())
     peak = next((v for k, v in PEAK_BANDWIDTH.items() if device.startswith("cuda") and k in
@@ -83,12 +93,12 @@ def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, de
           f"vs weight-bandwidth limit |\n|---|---|---|---|---|---|---|---|")
     for name, (batches, cache) in runs.items():
         target.model.generation_config.cache_implementation = cache
-        build_sequences(target, convs[:2], True, 4, 1 << 20)  # warm-up
+        build_sequences(unbounded(target, 4), convs[:2], no_skip)  # warm-up
         steps = tokens = 0
         sync(device)
         t0 = time.perf_counter()
         for batch in batches:
-            seqs = build_sequences(target, batch, True, max_new_tokens, 1 << 20)
+            seqs = build_sequences(unbounded(target, max_new_tokens), batch, no_skip)
             steps += max(len(s.answers[-1]) for s in seqs)
             tokens += sum(s.generated_tokens for s in seqs)
             answers.setdefault(name, {}).update({s.conv.key: s.answers for s in seqs})
@@ -143,7 +153,7 @@ def main() -> None:
     shard_writer = writer.shard("bench")
 
     batches = [convs[i:i + args.batch_size] for i in range(0, len(convs), args.batch_size)]
-    build_sequences(target, batches[0][:2], True, 4, 1 << 20)  # warm-up: kernels, allocator
+    build_sequences(unbounded(target, 4), batches[0][:2], no_skip)  # warm-up: kernels, allocator
     times = dict.fromkeys(["generate", "bare_forward", "capture_write"], 0.0)
     gen_tokens = cap_tokens = 0
 
@@ -168,7 +178,7 @@ def main() -> None:
     # Generation is the same code on both sides, so it runs once and counts for both; what differs is a bare
     # forward against the hooked forward plus the cache write, alternated in order per batch.
     for k, batch in enumerate(batches):
-        seqs = timed("generate", lambda: build_sequences(target, batch, True, args.max_new_tokens, 1 << 20))
+        seqs = timed("generate", lambda: build_sequences(unbounded(target, args.max_new_tokens), batch, no_skip))
         gen_tokens += sum(s.generated_tokens for s in seqs)
         cap_tokens += sum(s.inputs["input_ids"].shape[1] for s in seqs)
         steps = [("bare_forward", lambda: bare_forward(seqs)), ("capture_write", lambda: capture_write(seqs))]

@@ -21,8 +21,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_bench import SMALL  # noqa: E402
-from train.config import DrafterConfig  # noqa: E402
-from train.export import qwen3_fields  # noqa: E402
+from train.config import DrafterConfig, ObjectiveConfig  # noqa: E402
+from train.export_formats import qwen3_fields  # noqa: E402
 from train.model import Drafter  # noqa: E402
 from train.objective import Objective  # noqa: E402
 
@@ -40,17 +40,23 @@ def reference_modules():
 
 
 def build(seq: int, anchors: int, block: int, vocab: int, dims: dict = SMALL):
-    """Our drafter (`dims`) and objective, the reference wrapper holding a copy of the same weights, one batch."""
+    """Our drafter (`dims`) and objective, the reference wrapper holding a copy of the same weights, one batch;
+    all drawn from seed 0, the caller's global RNG left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build(seq, anchors, block, vocab, dims)
+
+
+def _build(seq: int, anchors: int, block: int, vocab: int, dims: dict):
     OnlineDFlashModel, DFlashDraftModel = reference_modules()
     from transformers import Qwen3Config
 
-    torch.manual_seed(0)
     cfg = DrafterConfig(vocab_size=vocab, target_layer_ids=list(range(LAYERS)), block_size=block,
                         mask_token_id=vocab - 1, **dims)
     embed, head = ((torch.randn(vocab, cfg.hidden_size) * 0.02).bfloat16() for _ in range(2))
     ours = Drafter(cfg, embed, head)
-    objective = Objective(block_size=block, mask_id=vocab - 1, head_VH=head, gamma=GAMMA, num_anchors=anchors,
-                          loss_chunk_rows=2048)
+    objective = Objective(ObjectiveConfig(gamma=GAMMA, num_anchors=anchors, loss_chunk_rows=2048), block_size=block,
+                          mask_id=vocab - 1, head_VH=head)
 
     fields = qwen3_fields(cfg, "float32")
     ref_cfg = Qwen3Config(**{k: v for k, v in fields.items() if k not in ("model_type", "dtype", "torch_dtype")},

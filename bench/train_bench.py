@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.config import DrafterConfig  # noqa: E402
+from train.config import DrafterConfig, ObjectiveConfig  # noqa: E402
 from train.data import CacheDataset, batch_loader, padded_length, token_budget_batches  # noqa: E402
 from train.model import Drafter  # noqa: E402
-from train.objective import Objective, draft_vocab, summarise  # noqa: E402
+from train.objective import Objective, draft_vocab, step_metrics  # noqa: E402
 
 SMALL = dict(hidden_size=256, num_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
              intermediate_size=768)
@@ -69,9 +69,10 @@ def one_config(spec: dict) -> dict:
              "lengths": torch.tensor([T], device=device), "sample_ids": torch.tensor([0], device=device)}
     draft_ids = draft_vocab(torch.bincount(ids[mask].cpu(), minlength=V), spec["draft_vocab"]).to(device) \
         if spec.get("draft_vocab") else None
-    objective = Objective(block_size=cfg.block_size, mask_id=V - 1, head_VH=model.lm_head_VH, gamma=7.0,
-                          num_anchors=spec["anchors"], loss_chunk_rows=spec["chunk_rows"] or 1 << 30,
-                          draft_ids=draft_ids, backend=spec["attention"])
+    objective = Objective(ObjectiveConfig(gamma=7.0, num_anchors=spec["anchors"],
+                                          loss_chunk_rows=spec["chunk_rows"] or 1 << 30),
+                          block_size=cfg.block_size, mask_id=V - 1, head_VH=model.lm_head_VH, draft_ids=draft_ids,
+                          backend=spec["attention"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
                                                                                                    enabled=False)
 
@@ -85,7 +86,7 @@ def one_config(spec: dict) -> dict:
         if torch.isfinite(grad_norm):
             opt.step()
         opt.zero_grad(set_to_none=True)
-        summarise(stats)
+        step_metrics(stats)
 
     for k in range(2):
         step(k)

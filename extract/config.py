@@ -1,6 +1,6 @@
 """Structured config of the extract stage (filled by conf/extract.yaml and the `target/` group)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -8,6 +8,7 @@ from omegaconf import MISSING
 from cache_schema import StorageInfo
 from cache_schema.layout import HIDDEN_DTYPES
 from cache_schema.storage import compressors
+from extract.prompts import GenerationSettings
 
 
 @dataclass
@@ -20,8 +21,6 @@ class TargetConfig:
     device: str | None = None  # None: the accelerate process's device
     device_map: str | None = None  # e.g. "auto" to split a large target over the visible GPUs
     attn_implementation: str = "sdpa"
-    system_prompt: str | None = None
-    enable_thinking: bool | None = None  # None: the chat template's default
 
 
 FORMATS = ("auto", "llava", "messages")
@@ -31,20 +30,20 @@ FORMATS = ("auto", "llava", "messages")
 class InputConfig:
     shards: str = MISSING  # brace pattern or comma-separated list of webdataset shards
     format: str = "auto"  # one of FORMATS
-    max_length: int = 4096  # samples longer than this (prompt or final) are skipped and counted
 
 
 @dataclass
-class GenerationConfig:
-    regenerate: bool = True  # false keeps the dataset's own answers
-    max_new_tokens: int = 1024
+class GenerationConfig(GenerationSettings):
+    """The generation settings (extract/prompts.py: what a prompt and its answer are, stored in the manifest)
+    and how fast they are produced, which changes no token."""
+
     batch_size: int = 8
     # Conversations are read in windows of this many batches and sorted by text length before batching, so a
     # batch's rows pad little and do not wait long on one long answer (bench/extract_bench.py); 1: input order.
     sort_window: int = 8
-    # false leaves earlier assistant turns unsupervised (only the last turn is the target's own tokens; thinking
-    # templates also strip earlier turns' reasoning): see docs/decisions.md
-    supervise_history: bool = True
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
 
 
 @dataclass
@@ -65,10 +64,10 @@ class ExtractConfig:
         if self.storage.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"storage.hidden_dtype={self.storage.hidden_dtype!r}; choose from {HIDDEN_DTYPES}")
         compressors(self.storage.compression)
+        self.generation.settings().check()
         counts = {"generation.batch_size": self.generation.batch_size,
                   "generation.sort_window": self.generation.sort_window,
-                  "generation.max_new_tokens": self.generation.max_new_tokens,
-                  "data.max_length": self.data.max_length, "target.num_capture_layers": self.target.num_capture_layers,
+                  "target.num_capture_layers": self.target.num_capture_layers,
                   "storage.chunk_tokens": self.storage.chunk_tokens, "threads": self.threads}
         for key, value in counts.items():
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -18,9 +18,11 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from cache_schema import CacheWriter, Manifest, TargetInfo
+from cache_schema.layout import COMMIT_MARKER, SHARDS_DIR
 from extract.capture import capture
 from extract.config import ExtractConfig
 from extract.formats import Conversation, SkipSample
+from extract.prompts import Prompts
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
 from extract.target import (Target, check_layer_ids, config_fingerprint, deepstack_layers, default_layer_ids,
@@ -51,12 +53,9 @@ def make_manifest(cfg: ExtractConfig, config, tokenizer, layer_ids: list[int]) -
     info = TargetInfo(name_or_path=str(cfg.target.path), model_type=config.model_type,
                       num_hidden_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
                       vocab_size=text.vocab_size, fingerprint=config_fingerprint(config))
-    generation = {"regenerate": cfg.generation.regenerate, "max_new_tokens": cfg.generation.max_new_tokens,
-                  "max_length": cfg.data.max_length, "system_prompt": cfg.target.system_prompt,
-                  "enable_thinking": cfg.target.enable_thinking, "target_dtype": cfg.target.dtype,
-                  "supervise_history": cfg.generation.supervise_history, "greedy": True}
     return Manifest(target=info, target_layer_ids=layer_ids, storage=cfg.storage,
-                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), generation=generation,
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                    generation=cfg.generation.settings().manifest_entry(cfg.target.dtype),
                     special_tokens=special_token_ids(tokenizer))
 
 
@@ -87,10 +86,57 @@ def length_sorted_batches(convs, batch_size: int, window: int):
         yield from batched(pool, batch_size)
 
 
+class ShardProgress:
+    """A bar over conversations read (kept or skipped) against an estimate of this rank's total: its shards
+    times the mean conversations per shard, from the shards this run finished or, before the first one, the
+    cache's committed shards. So a long run shows a total and an ETA from the first minutes on."""
+
+    def __init__(self, writer: CacheWriter, shards: int, rank: int, enabled: bool):
+        self.shards, self.done_shards, self.read, self.read_at_shard_end = shards, 0, 0, 0
+        committed = sorted(writer.committed())[:8]
+        sizes = [_conversations(writer.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER)) for name in committed]
+        self.prior = sum(sizes) / len(sizes) if sizes else None
+        self.bar = tqdm(unit="conv", desc=f"extract[{rank}]", disable=not enabled, position=rank,
+                        total=self._estimate())
+
+    def _estimate(self) -> int | None:
+        per_shard = self.read_at_shard_end / self.done_shards if self.done_shards else self.prior
+        if per_shard is None:
+            return None
+        return max(self.read, round(per_shard * self.shards))
+
+    def update(self, conversations: int, **postfix) -> None:
+        self.read += conversations
+        self.bar.update(conversations)
+        self.bar.set_postfix(shard=f"{self.done_shards + 1}/{self.shards}", **postfix)
+
+    def shard_done(self) -> None:
+        self.done_shards += 1
+        self.read_at_shard_end = self.read
+        self.bar.total = self._estimate()
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _conversations(marker: dict) -> int:
+    return int(marker.get("samples", 0)) + sum(int(v) for v in (marker.get("skipped") or {}).values())
+
+
 def run(cfg: ExtractConfig) -> dict:
+    """Extract every input shard of this rank; the caller's thread count is restored afterwards."""
     cfg.validate()
+    threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: ExtractConfig) -> dict:
     # On a CPU-only machine `accelerate launch --multi_gpu` still starts one process per rank; cpu=True
     # makes accelerate join them over gloo instead of looking for CUDA.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -131,10 +177,12 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                    rank: int) -> dict[str, str]:
     """Each input shard to one committed output shard; returns {input: why} of those not read to their end."""
     totals, incomplete = Counter(), {}
-    bar = tqdm(unit="sample", desc=f"extract[{rank}]", disable=not cfg.progress, position=rank)
+    prompts = Prompts(target, cfg.generation.settings())
+    bar = ShardProgress(writer, len(urls), rank, cfg.progress)
     start = time.perf_counter()
 
     def on_skip(key, skip: SkipSample):
+        skips[skip.reason] += 1
         if cfg.strict:
             raise ValueError(f"sample {key}: {skip} (strict=true stops at the first bad sample; nothing of this "
                              "shard was committed)")
@@ -144,17 +192,12 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
         name = output_shard_name(url)
         shard = writer.shard(name)
         skips, turns = Counter(), Counter()
+        skipped_before = 0
         try:
-            for batch in length_sorted_batches(conversations(url, cfg.data.format, skips, on_skip),
+            for batch in length_sorted_batches(conversations(url, cfg.data.format, on_skip),
                                                cfg.generation.batch_size, cfg.generation.sort_window):
-                results = build_sequences(target, batch, cfg.generation.regenerate, cfg.generation.max_new_tokens,
-                                          cfg.data.max_length, cfg.target.system_prompt, cfg.target.enable_thinking,
-                                          cfg.generation.supervise_history)
-                for conv, result in zip(batch, results):
-                    if isinstance(result, SkipSample):
-                        skips[result.reason] += 1
-                        on_skip(conv.key, result)
-                        continue
+                results = build_sequences(prompts, batch, on_skip)
+                for result in results:
                     turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns,
                                  engine_token_ids=result.engine_ids,
                                  retokenization_mismatch=result.retokenized_differs)
@@ -163,9 +206,10 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                     totals["captured_tokens"] += len(sample)
                     totals["generated_tokens"] += result.generated_tokens
                 elapsed = time.perf_counter() - start
-                bar.update(sum(not isinstance(r, SkipSample) for r in results))
-                bar.set_postfix(gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
-                                cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=sum(skips.values()))
+                read = len(results) + sum(skips.values()) - skipped_before
+                skipped_before = sum(skips.values())
+                bar.update(read, gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
+                           cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=skipped_before)
         except IncompleteShard as e:
             if cfg.strict:
                 raise ValueError(f"{e} (strict=true stops at the first broken input shard)") from e
@@ -174,6 +218,7 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
             incomplete[url] = f"{e.reason}: {e.detail}"
             continue
         shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
+        bar.shard_done()
     bar.close()
     return incomplete
 

@@ -128,11 +128,11 @@ def _members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
                               "no end-of-archive marker: the file was cut short or a header is damaged")
 
 
-def tar_records(url: str, skips: Counter, on_skip) -> Iterator[dict]:
+def tar_records(url: str, on_skip) -> Iterator[dict]:
     """webdataset records (`__key__`, `__url__`, one entry per member suffix) of one tar, read to its end.
 
     Adjacent members sharing a key form one record, as in webdataset; a record holding a suffix twice is
-    skipped as `duplicate_member` instead of ending the shard. Raises IncompleteShard when the archive cannot
+    handed to `on_skip(key, SkipSample("duplicate_member"))` instead of ending the shard. Raises IncompleteShard when the archive cannot
     be read to its end (a cut file, a failed read, a `pipe:` command that exits with an error).
     """
     stream = _open(url)
@@ -141,14 +141,14 @@ def tar_records(url: str, skips: Counter, on_skip) -> Iterator[dict]:
         record, repeated = None, False
         for key, suffix, data in _members(url, stream):
             if record is not None and record["__key__"] != key:
-                yield from _checked(record, repeated, skips, on_skip)
+                yield from _checked(record, repeated, on_skip)
                 record = None
             if record is None:
                 record, repeated = {"__key__": key, "__url__": url}, False
             repeated = repeated or suffix in record
             record[suffix] = data
         if record is not None:
-            yield from _checked(record, repeated, skips, on_skip)
+            yield from _checked(record, repeated, on_skip)
         finished = True
     finally:
         try:
@@ -158,19 +158,17 @@ def tar_records(url: str, skips: Counter, on_skip) -> Iterator[dict]:
                 raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
 
 
-def _checked(record: dict, repeated: bool, skips: Counter, on_skip) -> Iterator[dict]:
+def _checked(record: dict, repeated: bool, on_skip) -> Iterator[dict]:
     if repeated:
-        skips["duplicate_member"] += 1
         on_skip(record["__key__"], SkipSample("duplicate_member", "a member name occurs twice in the tar"))
     else:
         yield record
 
 
-def conversations(url: str, fmt: str, skips: Counter, on_skip) -> Iterator[Conversation]:
-    """Parse every record of one input shard; bad samples go to `on_skip(key, SkipSample)` and are counted."""
-    for record in tar_records(url, skips, on_skip):
+def conversations(url: str, fmt: str, on_skip) -> Iterator[Conversation]:
+    """Parse every record of one input shard; a bad sample's SkipSample goes to `on_skip(key, skip)`."""
+    for record in tar_records(url, on_skip):
         try:
             yield parse_sample(record, source=url, fmt=fmt)
         except SkipSample as skip:
-            skips[skip.reason] += 1
             on_skip(record["__key__"], skip)

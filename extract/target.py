@@ -172,8 +172,9 @@ def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, d
     if dtype not in DTYPES:
         raise ValueError(f"target.dtype={dtype!r}; choose from {sorted(DTYPES)}")
     auto = AutoModelForImageTextToText if family in VISION_FAMILIES else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map,
-                                 attn_implementation=attn_implementation)
+    with torch.random.fork_rng(devices=[]):  # initialisation of what the weights overwrite draws from it
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map,
+                                     attn_implementation=attn_implementation)
     if device_map is None and device:
         model.to(device)
     model.eval().requires_grad_(False)

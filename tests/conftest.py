@@ -1,7 +1,10 @@
+import logging
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +12,57 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _global_state() -> dict:
+    """The process-global state no test (and no library function it calls) may leave changed."""
+    root = logging.getLogger()
+    return {"torch thread count": torch.get_num_threads(), "torch default dtype": torch.get_default_dtype(),
+            "torch global RNG": torch.get_rng_state(), "numpy global RNG": np.random.get_state()[1].tobytes(),
+            "python random state": random.getstate(), "working directory": os.getcwd(),
+            "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}, "root logger level": root.level,
+            "root logger handlers": list(root.handlers), "grad mode": torch.is_grad_enabled()}
+
+
+def _restore(state: dict) -> None:
+    torch.set_num_threads(state["torch thread count"])
+    torch.set_default_dtype(state["torch default dtype"])
+    torch.set_rng_state(state["torch global RNG"])
+    random.setstate(state["python random state"])
+    os.chdir(state["working directory"])
+    for k in set(os.environ) - set(state["environment"]) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[k]
+    os.environ.update(state["environment"])
+    root = logging.getLogger()
+    root.setLevel(state["root logger level"])
+    root.handlers[:] = state["root logger handlers"]
+    torch.set_grad_enabled(state["grad mode"])
+
+
+def _differs(a, b) -> bool:
+    if torch.is_tensor(a):
+        return not torch.equal(a, b)
+    return a != b
+
+
+@pytest.fixture(autouse=True)
+def global_state_guard(request):
+    """Fails a test that leaves process-global state changed, naming what changed, and puts it back so that
+    the tests after it run as they would alone."""
+    before = _global_state()
+    np_before = np.random.get_state()
+    yield
+    after = _global_state()
+    changed = [k for k in before if _differs(before[k], after[k])]
+    if "environment" in changed:
+        env_a, env_b = before["environment"], after["environment"]
+        keys = sorted(k for k in set(env_a) | set(env_b) if env_a.get(k) != env_b.get(k))
+        changed[changed.index("environment")] = f"environment ({', '.join(keys)})"
+    _restore(before)
+    np.random.set_state(np_before)
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left process-global state changed: {', '.join(changed)}",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Small builders shared by tests: random cache samples and manifests."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,14 @@ import torch
 from cache_schema import Manifest, Sample, StorageInfo, TargetInfo
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def seeded(seed: int):
+    """The global RNG seeded inside the block (for module initialisation) and left as it was after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=300, hidden_dtype="bf16", chunk_tokens=64,
@@ -52,8 +61,9 @@ def extract_config(out, shards, target_dir, **kw):
     target = TargetConfig(path=str(target_dir), dtype="float32", device="cpu",
                           layer_ids=kw.pop("layer_ids", [2, 4, 5]))
     return ExtractConfig(out=str(out), target=target,
-                         data=InputConfig(shards=",".join(map(str, shards)), max_length=kw.pop("max_length", 4096)),
-                         generation=GenerationConfig(max_new_tokens=16, batch_size=4), progress=False, **kw)
+                         data=InputConfig(shards=",".join(map(str, shards))),
+                         generation=GenerationConfig(max_new_tokens=16, batch_size=4,
+                                                     max_length=kw.pop("max_length", 4096)), progress=False, **kw)
 
 
 def compose_train(*overrides):
@@ -73,3 +83,23 @@ def tiny(cache, run_dir, *overrides):
                         "eval_every=6", "progress=false", "objective.num_anchors=16", *overrides)
     cfg.run_dir = str(run_dir)
     return cfg
+
+
+def sequences(target, convs, regenerate=True, **settings) -> list:
+    """`build_sequences` of `convs` under GenerationSettings(regenerate, **settings), one entry per conversation:
+    its Sequence, or the SkipSample it was skipped with."""
+    from extract.prompts import GenerationSettings, Prompts
+    from extract.regenerate import build_sequences
+
+    skips = {}
+    built = build_sequences(Prompts(target, GenerationSettings(regenerate=regenerate, **settings)), convs,
+                            lambda key, skip: skips.setdefault(key, skip))
+    by_conv = {id(s.conv): s for s in built}
+    return [by_conv.get(id(c), skips.get(c.key)) for c in convs]
+
+
+def prompts_of(target, **settings):
+    """A `Prompts` renderer of `target` under GenerationSettings(**settings)."""
+    from extract.prompts import GenerationSettings, Prompts
+
+    return Prompts(target, GenerationSettings(**settings))

@@ -10,14 +10,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cache_schema import CacheWriter
-from tests.helpers import make_manifest, make_sample, write_target_files
+from tests.helpers import make_manifest, make_sample, seeded, write_target_files
 from train.config import DrafterConfig
-from train.evaluate import evaluate
+from train.evaluate import evaluate_checkpoint
 from train.evaluate import main as evaluate_main
 from train.loop import train
 from train.model import Drafter
-from train.replay import (Cycles, Drafting, accepted_lengths, branch_points, matched, replay_sample, spans,
-                          summarise, walk)
+from train.replay import (Cycles, GreedyDrafter, accepted_lengths, branch_points, matched, replay_sample, spans,
+                          replay_figures, walk)
 
 V, H, L, BLOCK, MASK = 8, 32, 3, 4, 7
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,9 @@ def tiny_drafter(seed, block=BLOCK, **kw):
     cfg = DrafterConfig(hidden_size=H, vocab_size=V, target_layer_ids=[1, 2, 3], num_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=8, intermediate_size=48, block_size=block,
                         mask_token_id=MASK, rope_theta=10000.0, **kw)
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 100)
-    return Drafter(cfg, torch.randn(V, H, generator=g), torch.randn(V, H, generator=g) * 3).double()
+    with seeded(seed):
+        return Drafter(cfg, torch.randn(V, H, generator=g), torch.randn(V, H, generator=g) * 3).double()
 
 
 def random_sample(seed, length=40, runs=((3, 14), (17, 25), (29, 40))):
@@ -103,7 +103,7 @@ def rows_of(c: Cycles):
 def test_batched_replay_equals_naive_per_cycle_loop(seed):
     model = tiny_drafter(seed, partial_rotary_factor=0.5)
     sample = random_sample(seed)
-    drafting = Drafting.of(model, model.lm_head_VH, BLOCK, MASK)
+    drafting = GreedyDrafter.of(model, model.lm_head_VH, BLOCK, MASK)
     drafting.rows = 3 * BLOCK  # several passes per sample
     got = replay_sample(drafting, sample)["dflash"]
     want = naive_replay(model, sample, BLOCK)
@@ -118,7 +118,7 @@ def test_reduced_draft_vocabulary_maps_draft_ids_to_target_ids():
     model = tiny_drafter(3)
     sample = random_sample(3)
     draft_ids = torch.tensor([0, 1, 2, 4, 5, 6])  # 3 is missing: it can never be accepted
-    drafting = Drafting.of(model, model.lm_head_VH, BLOCK, MASK, draft_ids=draft_ids)
+    drafting = GreedyDrafter.of(model, model.lm_head_VH, BLOCK, MASK, draft_ids=draft_ids)
     got = replay_sample(drafting, sample)["dflash"]
     assert rows_of(got) == naive_replay(model, sample, BLOCK, draft_ids=draft_ids)
     tokens, _ = drafting.draft(sample, torch.arange(3, 13), torch.ones(10, dtype=torch.long))
@@ -129,7 +129,7 @@ def test_reduced_draft_vocabulary_maps_draft_ids_to_target_ids():
 def test_d2sd_equals_naive_branches_and_never_accepts_less_at_an_anchor(seed, k):
     dflash, vp = tiny_drafter(seed), tiny_drafter(seed + 10)
     sample = random_sample(seed)
-    d, v = Drafting.of(dflash, dflash.lm_head_VH, BLOCK, MASK), Drafting.of(vp, vp.lm_head_VH, BLOCK, MASK)
+    d, v = GreedyDrafter.of(dflash, dflash.lm_head_VH, BLOCK, MASK), GreedyDrafter.of(vp, vp.lm_head_VH, BLOCK, MASK)
     got = replay_sample(d, sample, v, k)
     assert rows_of(got["d2sd"]) == naive_replay(dflash, sample, BLOCK, vp=vp, k=k)
     assert rows_of(got["dflash"]) == naive_replay(dflash, sample, BLOCK)
@@ -141,8 +141,8 @@ def test_d2sd_equals_naive_branches_and_never_accepts_less_at_an_anchor(seed, k)
 def test_d2sd_refuses_drafters_of_different_block_sizes():
     d, v = tiny_drafter(0), tiny_drafter(1, block=BLOCK + 1)
     with pytest.raises(ValueError, match="block sizes"):
-        replay_sample(Drafting.of(d, d.lm_head_VH, BLOCK, MASK), random_sample(0),
-                      Drafting.of(v, v.lm_head_VH, BLOCK + 1, MASK))
+        replay_sample(GreedyDrafter.of(d, d.lm_head_VH, BLOCK, MASK), random_sample(0),
+                      GreedyDrafter.of(v, v.lm_head_VH, BLOCK + 1, MASK))
 
 
 def test_branch_points_rank_likely_first_rejections():
@@ -171,14 +171,14 @@ def test_always_right_and_always_wrong_drafts_by_hand():
     wrong = oracle_cycles(sample_spans, ids, BLOCK, right=False)
     assert wrong.accepted.sum() == 0 and wrong.committed.tolist() == [1] * 18
     records = [{"images": True, "dflash": right}, {"images": False, "dflash": wrong}]
-    fig = summarise(records, BLOCK)
+    fig = replay_figures(records, BLOCK)
     assert fig["all"]["tau"] == pytest.approx((18 + 18) / (6 + 18))
     assert fig["all"]["tau_per_sample"] == pytest.approx((3.0 + 1.0) / 2)
     assert fig["images"]["tau"] == 3.0 and fig["text_only"]["tau"] == 1.0
     assert fig["last_turn"]["cycles"] == 3 + 9 and fig["history"]["committed"] == 9 + 9
     assert fig["images"]["accept_per_slot"] == pytest.approx([1.0, 4 / 6, 4 / 6])
     assert fig["all"]["accepted_hist"] == [18, 2, 0, 4]
-    empty = summarise([{"images": False, "dflash": wrong}], BLOCK)["images"]
+    empty = replay_figures([{"images": False, "dflash": wrong}], BLOCK)["images"]
     assert empty["tau"] is None and empty["cycles"] == 0
 
 
@@ -187,7 +187,7 @@ def test_spans_are_maximal_supervised_runs():
     assert spans(np.zeros(5, dtype=bool)) == []
     # A one-token span (an end-of-turn token alone) has nothing to draft: no cycle.
     sample = random_sample(0, length=12, runs=((2, 3), (5, 9)))
-    d = Drafting.of(tiny_drafter(0), tiny_drafter(0).lm_head_VH, BLOCK, MASK)
+    d = GreedyDrafter.of(tiny_drafter(0), tiny_drafter(0).lm_head_VH, BLOCK, MASK)
     assert replay_sample(d, sample)["dflash"].anchor.min() == 5
 
 
@@ -199,7 +199,6 @@ def write_cache(root: Path, seed: int = 0, **manifest_kw) -> str:
     url = str(root / "cache")
     manifest = make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=64, **manifest_kw)
     writer = CacheWriter(url, manifest)
-    torch.manual_seed(seed)  # the random target head: the same whatever ran before
     write_target_files(writer, root)
     for s in range(2):
         shard = writer.shard(f"shard-{s:03d}")
@@ -279,8 +278,11 @@ def test_cli_refuses_bad_arguments_naming_them(runs, tmp_path, args, message):
 def test_cli_judges_on_another_storage_of_the_target_but_refuses_another_target(runs, tmp_path):
     url, ckpt, _ = runs
     fp8 = write_cache(tmp_path / "fp8", hidden_dtype="fp8_e4m3")
-    result = evaluate(ckpt, cache=fp8, out=tmp_path / "fp8-eval", progress=False)
-    assert result["cache"] == fp8 and result["dflash"]["all"]["cycles"] > 0
+    result = evaluate_checkpoint(ckpt, cache=fp8, out=tmp_path / "fp8-eval", progress=False)
+    bf16 = evaluate_checkpoint(ckpt, cache=url, out=tmp_path / "bf16-eval", progress=False)
+    assert result["cache"] == fp8 and result["shards"] == bf16["shards"] and result["samples"] == bf16["samples"] == 6
+    # Same tokens and spans: every supervised token but each span's first is committed, whatever was accepted.
+    assert result["dflash"]["all"]["committed"] == bf16["dflash"]["all"]["committed"] > 0
     other = write_cache(tmp_path / "other", name="another-target")
     with pytest.raises(ValueError, match="target.name_or_path"):
-        evaluate(ckpt, cache=other, out=tmp_path / "other-eval", progress=False)
+        evaluate_checkpoint(ckpt, cache=other, out=tmp_path / "other-eval", progress=False)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cache_schema import CacheWriter
-from helpers import make_manifest, write_target_files
+from helpers import make_manifest, seeded, write_target_files
 from train import checkpoint
 from train.attention import build_mask
 from train.config import DrafterConfig
@@ -31,10 +31,9 @@ def make_run(tmp_path: Path, drafter: DrafterConfig = DRAFTER, model_type: str =
     manifest.target.model_type = model_type
     url = str(tmp_path / "cache")
     head = write_target_files(CacheWriter(url, manifest), tmp_path)
-    torch.manual_seed(0)
-    model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
-    with torch.no_grad():  # norms away from 1, so a swapped or missing norm changes the output
-        for name, p in model.named_parameters():
+    with seeded(0), torch.no_grad():
+        model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
+        for name, p in model.named_parameters():  # norms away from 1, so a swapped or missing norm changes the output
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -177,8 +176,8 @@ def test_qwen3_vl_drafter_export_carries_no_mrope_field(tmp_path):
     ({"mask_token_id": 300}, "speculators", False, "mask_token_id=300"),
 ])
 def test_exports_engines_would_run_differently_are_refused(change, fmt, reduced, reason):
-    manifest = make_manifest(layers=LAYERS).to_dict()
-    manifest["target"]["model_type"] = "qwen3_vl"
+    manifest = make_manifest(layers=LAYERS)
+    manifest.target.model_type = "qwen3_vl"
     with pytest.raises(ValueError, match=reason):
         check_exportable(replace(DRAFTER, **change), manifest, fmt, reduced)
 
@@ -188,10 +187,10 @@ def test_refusal_writes_nothing_and_axis0_positions_warn_for_vllm(tmp_path):
     with pytest.raises(ValueError, match="final norm"):
         export(ckpt, "speculators", tmp_path / "spec")
     assert not (tmp_path / "spec").exists()
-    manifest = make_manifest(layers=LAYERS).to_dict()
+    manifest = make_manifest(layers=LAYERS)
     axis0 = replace(DRAFTER, position_source="mrope_axis0")
     check_exportable(axis0, manifest, "dflash", False)  # a text target: axis 0 is the token index
-    manifest["target"]["model_type"] = "qwen3_vl"
+    manifest.target.model_type = "qwen3_vl"
     with pytest.warns(UserWarning, match="only vLLM's V1 model runner"):
         check_exportable(axis0, manifest, "speculators", False)
 
@@ -208,9 +207,44 @@ def test_export_loads_back_with_identical_block_logits(tmp_path, fmt):
     if fmt == "dflash":
         from transformers import AutoModel
 
-        hf = AutoModel.from_pretrained(tmp_path / fmt, trust_remote_code=True, dtype=torch.float32).eval()
+        # attn_implementation="sdpa" as the original DFlash loaders ask: the class must declare it.
+        hf = AutoModel.from_pretrained(tmp_path / fmt, trust_remote_code=True, dtype=torch.float32,
+                                       attn_implementation="sdpa").eval()
         hidden, ctx_pos, block_ids, block_pos = inputs
         with torch.no_grad():
             out = hf(target_hidden=hidden.flatten(2), noise_embedding=head["embed_tokens"][block_ids],
                      position_ids=torch.cat([ctx_pos, block_pos], dim=1))
         assert torch.allclose(out @ head["lm_head"].T, want, atol=1e-5, rtol=0)
+
+
+def test_out_that_is_not_an_earlier_export_is_refused_and_left_as_it_was(tmp_path):
+    ckpt, _, _, _ = make_run(tmp_path)
+    weights = (ckpt / "model.safetensors").read_bytes()
+    for out, reason in ((ckpt, "inside the checkpoint or run directory"),
+                        (tmp_path / "run", "inside the checkpoint or run directory"),
+                        (ckpt / "export", "inside the checkpoint or run directory")):
+        with pytest.raises(ValueError, match=reason):
+            export(ckpt, "speculators", out)
+    assert (ckpt / "model.safetensors").read_bytes() == weights and not (ckpt / "export").exists()
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a speculators export"):
+        export(ckpt, "speculators", unrelated)
+    assert [p.name for p in unrelated.iterdir()] == ["todo.txt"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        export(ckpt, "speculators", tmp_path / "a-file")
+    export(ckpt, "speculators", tmp_path / "spec")
+    with pytest.raises(ValueError, match="--overwrite"):
+        export(ckpt, "speculators", tmp_path / "spec")
+    with pytest.raises(ValueError, match="not a dflash export"):
+        export(ckpt, "dflash", tmp_path / "spec", overwrite=True)
+    export(ckpt, "speculators", tmp_path / "spec", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_main_reports_a_refusal_in_one_line(tmp_path, capsys):
+    ckpt, _, _, _ = make_run(tmp_path)
+    with pytest.raises(SystemExit, match="^train.export: --out .* inside the checkpoint"):
+        main([str(ckpt), "--format", "dflash", "--out", str(ckpt)])

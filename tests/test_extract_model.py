@@ -8,8 +8,9 @@ import webdataset as wds
 from cache_schema.codecs import bf16_to_words
 from extract.capture import capture
 from extract.formats import parse_sample
-from extract.regenerate import answer_text, build_sequences, encode, render
+from extract.prompts import TurnPrompt
 from extract.target import SUPPRESSED_TOKENS, check_layer_ids, default_layer_ids, load_target
+from helpers import prompts_of, sequences
 from tools.tiny_targets import FAMILIES
 
 
@@ -41,7 +42,7 @@ def test_deepstack_layer_ids_warn():
 def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targets, convs):
     target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
     layer_ids = [0, 2, 3, 6] if not family.startswith("qwen3_vl") else [2, 3, 6]
-    seqs = build_sequences(target, convs[:4], regenerate=True, max_new_tokens=12, max_length=4096)
+    seqs = sequences(target, convs[:4], max_new_tokens=12)
     for seq in seqs:
         sample = capture(target, seq, layer_ids)
         with torch.no_grad():
@@ -75,16 +76,17 @@ def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targe
 @pytest.mark.parametrize("family", FAMILIES)
 def test_regeneration_equals_generate_with_and_without_batching(family, tiny_targets, convs):
     target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
-    batched = build_sequences(target, convs, regenerate=True, max_new_tokens=20, max_length=4096)
-    single = [build_sequences(target, [c], regenerate=True, max_new_tokens=20, max_length=4096)[0] for c in convs]
+    batched = sequences(target, convs, max_new_tokens=20)
+    single = [sequences(target, [c], max_new_tokens=20)[0] for c in convs]
     suppress = [target.token_id(t) for t in SUPPRESSED_TOKENS if target.token_id(t) is not None]
     stopped = 0
     for b, s, conv in zip(batched, single, convs):
         assert b.answers == s.answers, conv.key
         # plain model.generate on the first turn's prompt, unpadded
         msgs = conv.messages[:conv.assistant_turns[0]]
-        inputs = encode(target, [render(target, msgs, True, None, None)], [conv.images[:sum(
-            p["type"] == "image" for m in msgs for p in m["content"])]])
+        renderer = prompts_of(target)
+        inputs = renderer.encode([TurnPrompt(renderer.render(msgs, True), conv.images[:sum(
+            p["type"] == "image" for m in msgs for p in m["content"])])])
         out = target.model.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=target.eos_ids,
                                     suppress_tokens=suppress)
         ref = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -97,11 +99,11 @@ def test_regeneration_equals_generate_with_and_without_batching(family, tiny_tar
 def test_multi_turn_history_uses_regenerated_answers(tiny_targets, convs):
     target = load_target(str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu")
     conv = next(c for c in convs if len(c.assistant_turns) == 3)
-    seq = build_sequences(target, [conv], regenerate=True, max_new_tokens=24, max_length=4096)[0]
+    seq = sequences(target, [conv], max_new_tokens=24)[0]
     assert len(seq.answers) == 3  # the tiny qwen3_vl ends its turns by itself within the budget
     text = target.tokenizer.decode(seq.inputs["input_ids"][0])
     for answer in seq.answers[:-1]:
-        assert answer_text(target, answer) in text
+        assert prompts_of(target).answer_text(answer) in text
     for original in (m for m in conv.messages if m["role"] == "assistant"):
         assert original["content"][0]["text"] not in text
 
@@ -109,7 +111,7 @@ def test_multi_turn_history_uses_regenerated_answers(tiny_targets, convs):
 def test_system_prompt_and_thinking_switch_reach_the_prompt(tiny_targets):
     target = load_target(str(tiny_targets / "qwen3_5"), dtype="float32", device="cpu")
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
-    thinking = render(target, msgs, True, "Be brief.", None)
-    plain = render(target, msgs, True, None, False)
+    thinking = prompts_of(target, system_prompt="Be brief.").render(msgs, True)
+    plain = prompts_of(target, enable_thinking=False).render(msgs, True)
     assert thinking.startswith("<|im_start|>system\nBe brief.<|im_end|>") and thinking.endswith("<think>\n")
     assert plain.endswith("<think>\n\n</think>\n\n") and "system" not in plain

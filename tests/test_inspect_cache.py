@@ -25,7 +25,13 @@ def test_json_summary_and_verify(cache, capsys):
     assert info["samples"] == 8 and info["shards"] == 1 and info["verify"]["ok"]
     assert info["target_layer_ids"] == [2, 4, 5] and info["image_tokens"] > 0
     assert 0 < info["supervised_tokens"] < info["tokens"]
-    assert info["bytes_per_token"] > 0 and info["compression_ratio"] > 0
+    # Against the files themselves: the shards' bytes over the tokens, and a bf16 row of 3 layers x hidden 64
+    # plus input id (4), loss mask (1) and three positions (12) uncompressed.
+    shard_bytes = sum(f.stat().st_size for f in (cache / "shards").rglob("*") if f.is_file())
+    assert info["bytes_per_token"] == pytest.approx(shard_bytes / info["tokens"])
+    row = 3 * info["hidden_size"] * 2 + 4 + 1 + 12
+    assert info["compression_ratio"] == pytest.approx(row * info["tokens"] / shard_bytes)
+    assert info["bytes_on_disk"] > shard_bytes  # the head and tokenizer files besides
 
 
 def test_sample_marks_supervised_and_image_spans(cache, capsys):

@@ -185,7 +185,11 @@ def text_sample(key: str) -> list[tuple[str, bytes]]:
 
 def read_all(url):
     skips, seen = Counter(), []
-    records = [r["__key__"] for r in tar_records(url, skips, lambda key, skip: seen.append((key, skip.reason)))]
+    def on_skip(key, skip):
+        skips[skip.reason] += 1
+        seen.append((key, skip.reason))
+
+    records = [r["__key__"] for r in tar_records(url, on_skip)]
     return records, skips, seen
 
 
@@ -216,7 +220,7 @@ def test_tar_cut_short_is_an_incomplete_shard(tmp_path, cut, reason, read):
         return
     got = []
     with pytest.raises(IncompleteShard, match=rf"input shard {cut_tar}: {reason}") as e:
-        for record in tar_records(str(cut_tar), Counter(), None):
+        for record in tar_records(str(cut_tar), None):
             got.append(record["__key__"])
     assert e.value.reason == reason and got == list(read)
 
@@ -292,7 +296,8 @@ def refuse_load(*args, **kwargs):
 @pytest.mark.parametrize("section, field, value, key", [
     ("data", "format", "llava2", "data.format"), ("generation", "batch_size", 0, "generation.batch_size"),
     ("generation", "sort_window", 0, "generation.sort_window"),
-    ("data", "max_length", 0, "data.max_length"), ("target", "num_capture_layers", 0, "target.num_capture_layers"),
+    ("generation", "max_length", 0, "generation.max_length"),
+    ("generation", "max_new_tokens", 0, "generation.max_new_tokens"), ("target", "num_capture_layers", 0, "target.num_capture_layers"),
     ("storage", "chunk_tokens", 0, "storage.chunk_tokens"), ("storage", "compression", "lz5", "storage.compression"),
     (None, "threads", 0, "threads")])
 def test_mistaken_setting_is_refused_by_key_before_anything(tmp_path, tiny_targets, demo_shards, monkeypatch,

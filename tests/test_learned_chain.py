@@ -14,7 +14,7 @@ from tools import scenes
 from tools.demo import COMMITTED_TARGET
 from tools.spec_decode import run as spec_decode
 from train.checkpoint import resolve_checkpoint
-from train.evaluate import evaluate
+from train.evaluate import evaluate_checkpoint
 
 # Measured on this chain (seed 0, 192 prompts, 240 steps, 12 held-out prompts, one thread): tau 2.673 online and
 # offline (80 steps on 96 prompts: 1.673). The floor leaves a quarter for other kernels and CPUs while still
@@ -41,7 +41,7 @@ def test_drafter_from_the_cache_is_accepted_online_and_decoding_is_lossless(tmp_
     train(cfg)
     ckpt = resolve_checkpoint(tmp_path / "run")
 
-    offline = evaluate(ckpt, cache=str(tmp_path / "heldout"), shards=",".join(CacheReader(str(tmp_path / "heldout")).shards),
+    offline = evaluate_checkpoint(ckpt, cache=str(tmp_path / "heldout"), shards=",".join(CacheReader(str(tmp_path / "heldout")).shards),
                        out=tmp_path / "eval", progress=False)
     online = spec_decode(str(model), ckpt, shards=",".join(map(str, heldout_shards)), progress=False)
     assert online["lossless"], [p["key"] for p in online["prompts"] if not p["lossless"]]

@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 import torch
-import webdataset as wds
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from extract.formats import parse_sample
+from extract.sources import tar_records
 from tools import learned_target as lt
 from tools import scenes
 
@@ -73,7 +73,8 @@ def test_shards_parse_with_the_pipeline_and_carry_reference_answers(tmp_path):
     paths = scenes.write_task_shards(tmp_path, "heldout", 24, seed=0, samples_per_shard=10)
     expected = {s.key: s for s in scenes.samples("heldout", 24, seed=0)}
     seen = Counter()
-    for record in wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False):
+    records = (r for p in paths for r in tar_records(str(p), None))
+    for record in records:
         conv = parse_sample(record, source="test")
         sample = expected[conv.key]
         assert len(conv.images) == len(sample.images)
@@ -120,7 +121,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path
     assert sum(text.rope_parameters["mrope_section"]) * 2 == settings.head_dim
     assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     # The loaded checkpoint answers the held-out prompts exactly as the trained model did.
-    again = lt.evaluate(model, processor, scenes.samples("heldout", settings.eval_samples, settings.seed),
+    again = lt.held_out_accuracy(model, processor, scenes.samples("heldout", settings.eval_samples, settings.seed),
                         progress=False)
     assert again["examples"] == report["examples"]
 

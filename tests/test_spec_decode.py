@@ -11,19 +11,21 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers import seeded
 from cache_schema import CacheReader
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
-from extract.regenerate import generate
+from extract.prompts import GenerationSettings, Prompts
+from extract.regenerate import generate, last_turn_prompt
 from extract.run import run as extract
 from extract.target import Target, load_target
-from tools.spec_decode import last_prompt, run, shard_conversations
-from tools.speculate import Speculator, may_beat
+from tools.spec_decode import run, shard_conversations
+from tools.speculative_decoder import SpeculativeDecoder, may_beat
 from train.attention import build_mask
 from train.checkpoint import load_drafter
 from train.config import DrafterConfig
 from train.data import CacheDataset
 from train.model import ContextCache, Drafter
-from train.replay import Drafting, replay_records, summarise
+from train.replay import GreedyDrafter, replay_records, replay_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
@@ -36,9 +38,9 @@ def random_drafter(hidden: int, vocab: int, layers: list[int], block: int, mask:
     cfg = DrafterConfig(hidden_size=hidden, vocab_size=vocab, target_layer_ids=layers, num_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
                         block_size=block, mask_token_id=mask, rope_theta=10000.0)
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    return Drafter(cfg, torch.randn(vocab, hidden, generator=g), torch.randn(vocab, hidden, generator=g)).eval()
+    with seeded(seed):
+        return Drafter(cfg, torch.randn(vocab, hidden, generator=g), torch.randn(vocab, hidden, generator=g)).eval()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -93,9 +95,9 @@ def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None) -> dict:
     head = reader.head_tensors()
     drafters = [load_drafter(p, head["embed_tokens"], head["lm_head"]) for p in [ckpt] + ([vp] if vp else [])]
     dataset = CacheDataset(reader, reader.shards, drafters[0].drafter.position_source)
-    draftings = [Drafting.from_checkpoint(d) for d in drafters]
+    draftings = [GreedyDrafter.from_checkpoint(d) for d in drafters]
     records = replay_records(dataset, range(len(dataset)), draftings[0], draftings[1] if vp else None, k=4)
-    return summarise(records, drafters[0].drafter.block_size, "d2sd" if vp else "dflash")["last_turn"]
+    return replay_figures(records, drafters[0].drafter.block_size, "d2sd" if vp else "dflash")["last_turn"]
 
 
 @pytest.mark.parametrize("branches", [False, True], ids=["dflash", "d2sd"])
@@ -125,12 +127,12 @@ def test_text_target_with_random_drafters_is_lossless(tiny_targets, demo_shards)
     head = target.head_tensors()
     V, H = head["lm_head"].shape
     layers, block, mask = [1, 3, 4], 6, V - 1
-    drafting = [Drafting.of(random_drafter(H, V, layers, block, mask, s), head["lm_head"], block, mask)
+    drafting = [GreedyDrafter.of(random_drafter(H, V, layers, block, mask, s), head["lm_head"], block, mask)
                 for s in (0, 1)]
-    gen = {"max_new_tokens": MAX_NEW, "max_length": 4096}
-    prompts = [last_prompt(target, c, gen) for c in list(shard_conversations(str(demo_shards[1])))[:4]]
+    renderer = Prompts(target, GenerationSettings(max_new_tokens=MAX_NEW))
+    prompts = [last_turn_prompt(renderer, c) for c in list(shard_conversations(str(demo_shards[1])))[:4]]
     for vp in (None, drafting[1]):
-        spec = Speculator(target, drafting[0], layers, "sequential", "fp8_e4m3", vp=vp, k=3)
+        spec = SpeculativeDecoder(target, drafting[0], layers, "sequential", "fp8_e4m3", vp=vp, k=3)
         for batch in prompts:
             (reference,), _ = generate(target, batch, MAX_NEW)
             out = spec.decode(batch, MAX_NEW)
@@ -155,7 +157,7 @@ def test_refusals_name_the_problem(trained, tiny_targets, tmp_path):
     cache, shard, ckpt, vp = trained
     recurrent = Target(model=None, processor=None, tokenizer=None, family="qwen3_5", name_or_path="x")
     with pytest.raises(ValueError, match="recurrent state"):
-        Speculator(recurrent, None, [2], "sequential", "bf16")
+        SpeculativeDecoder(recurrent, None, [2], "sequential", "bf16")
     with pytest.raises(ValueError, match="model_type 'qwen3_vl' in its cache, 'qwen3' loaded"):
         run(str(tiny_targets / "qwen3"), ckpt, shards=shard, progress=False)
     with pytest.raises(ValueError, match="exactly one of --shards and --prompts"):
@@ -178,10 +180,10 @@ def test_positions_after_images_continue_as_in_the_whole_sequence(tiny_targets, 
     target = load_target(str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu")
     head = target.head_tensors()
     V, H = head["lm_head"].shape
-    drafter = Drafting.of(random_drafter(H, V, [2, 4, 5], 4, V - 1, 0), head["lm_head"], 4, V - 1)
-    spec = Speculator(target, drafter, [2, 4, 5], source, "bf16")
+    drafter = GreedyDrafter.of(random_drafter(H, V, [2, 4, 5], 4, V - 1, 0), head["lm_head"], 4, V - 1)
+    spec = SpeculativeDecoder(target, drafter, [2, 4, 5], source, "bf16")
     conv = next(c for c in shard_conversations(str(demo_shards[0])) if len(c.images) == 2)
-    batch = last_prompt(target, conv, {"max_new_tokens": MAX_NEW, "max_length": 4096})
+    batch = last_turn_prompt(Prompts(target, GenerationSettings(max_new_tokens=MAX_NEW)), conv)
     P, answer = batch["input_ids"].shape[1], torch.arange(10, 22)[None]
     whole = {**batch, "input_ids": torch.cat([batch["input_ids"], answer], 1),
              "attention_mask": torch.ones(1, P + 12, dtype=torch.long),

@@ -9,9 +9,10 @@ import pytest
 import webdataset as wds
 
 from extract.formats import Conversation, SkipSample, parse_sample
-from extract.regenerate import Sequence, answer_text, build_sequences
+from extract.regenerate import Sequence
 from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
 from extract.target import load_target
+from helpers import prompts_of, sequences
 from tools.tiny_targets import FAMILY_TEMPLATE, build_target
 
 # (family of the tiny model, chat template variant, enable_thinking). The qwen3_vl model ends its turns by
@@ -80,7 +81,7 @@ def test_tiny_tokenizer_merges_whitespace_runs_like_the_real_vocabularies(target
 def test_supervised_spans_are_exactly_what_the_model_writes(family, template, thinking, regenerate, targets, convs):
     target = targets(family, template)
     tok, im_end = target.tokenizer, target.special_tokens["im_end_id"]
-    seqs = build_sequences(target, convs, regenerate, max_new_tokens=24, max_length=4096, enable_thinking=thinking)
+    seqs = sequences(target, convs, regenerate, max_new_tokens=24, enable_thinking=thinking)
     histories = 0
     for conv, seq in zip(convs, seqs):
         assert isinstance(seq, Sequence), (conv.key, seq)
@@ -96,7 +97,7 @@ def test_supervised_spans_are_exactly_what_the_model_writes(family, template, th
             cut = seq.answers[-1][-1] not in target.eos_ids
             assert seq.truncated_turns == int(cut)
             assert seq.dropped_turns == len(answers) - len(seq.answers) and (cut or not seq.dropped_turns)
-            history = [answer_text(target, x) for x in seq.answers[:-1]]
+            history = [prompts_of(target).answer_text(x) for x in seq.answers[:-1]]
             assert tok.decode(ids[:a]).endswith(HEADER + generation_prompt(template, thinking))
         else:  # the answer as the template shows it, encoded by itself as the model would write it
             answer = shown(template, answers[-1], last=True)
@@ -152,7 +153,7 @@ def test_dataset_answers_with_reasoning_and_leading_newlines(template, thinking,
     family = "qwen3" if template == "qwen3" else "qwen3_vl"
     target = targets(family, template)
     tok = target.tokenizer
-    seqs = build_sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8, max_length=4096,
+    seqs = sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8,
                            enable_thinking=thinking)
     exp = EXPECTED[template, thinking]
     for seq, (answers, (before,)) in zip(seqs, [exp[:2], exp[2:]]):
@@ -164,7 +165,7 @@ def test_dataset_answers_with_reasoning_and_leading_newlines(template, thinking,
     if template == "qwen3_vl":
         assert tok.convert_ids_to_tokens(ids[seqs[0].spans[-1][0]]) == "Ċ"
     # without history supervision only the last answer is a label
-    only_last = build_sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8, max_length=4096,
+    only_last = sequences(target, reasoning_convs, regenerate=False, max_new_tokens=8,
                                 enable_thinking=thinking, supervise_history=False)
     assert [s.spans for s in only_last] == [s.spans[-1:] for s in seqs]
 
@@ -175,8 +176,7 @@ def test_history_turn_led_by_a_newline_keeps_its_supervision(targets, reasoning_
     conv = reasoning_convs[0]
     msgs = conv.messages + [{"role": "user", "content": [{"type": "text", "text": "More?"}]},
                             {"role": "assistant", "content": [{"type": "text", "text": "No."}]}]
-    seq = build_sequences(target, [dataclasses.replace(conv, messages=msgs)], regenerate=False, max_new_tokens=8,
-                          max_length=4096)[0]
+    seq = sequences(target, [dataclasses.replace(conv, messages=msgs)], regenerate=False, max_new_tokens=8)[0]
     ids = seq.inputs["input_ids"][0].tolist()
     a, b = seq.spans[1]
     assert target.tokenizer.decode(ids[a:b]) == "A dog.\n\nIt runs." + END
@@ -185,7 +185,7 @@ def test_history_turn_led_by_a_newline_keeps_its_supervision(targets, reasoning_
 
 def test_a_turn_cut_at_max_new_tokens_ends_the_sequence_with_the_models_own_ids(targets, convs):
     target = targets("qwen3_vl", "qwen3_vl")
-    seqs = build_sequences(target, convs, regenerate=True, max_new_tokens=3, max_length=4096)
+    seqs = sequences(target, convs, max_new_tokens=3)
     multi = [s for s in seqs if len(s.conv.assistant_turns) == 3]
     assert multi
     for seq in seqs:
@@ -207,7 +207,7 @@ def test_assistant_turn_missing_from_the_rendering_is_a_counted_skip(regenerate,
     target = dataclasses.replace(targets("qwen3", "qwen3"))
     target.processor = target.tokenizer = target.tokenizer.__class__.from_pretrained(target.name_or_path)
     target.tokenizer.chat_template = BROKEN  # drops every assistant turn
-    results = build_sequences(target, reasoning_convs, regenerate, max_new_tokens=30, max_length=4096)
+    results = sequences(target, reasoning_convs, regenerate, max_new_tokens=30)
     for r in results:
         assert isinstance(r, SkipSample) and r.reason == "unsupervised_turn", r
 
@@ -242,14 +242,12 @@ def test_serving_engine_token_ids_are_kept_and_a_retokenisation_mismatch_counted
             {"role": "user", "content": [{"type": "text", "text": "What is here?"}]}, last])
 
     cases = {"none": None, "same": canonical + [im_end], "split": by_chars, "split_end": by_chars + [im_end]}
-    seqs = build_sequences(target, [conv(k, v) for k, v in cases.items()], regenerate=False, max_new_tokens=8,
-                           max_length=4096)
+    seqs = sequences(target, [conv(k, v) for k, v in cases.items()], regenerate=False, max_new_tokens=8)
     supervised = {k: s.inputs["input_ids"][0, s.spans[-1][0]:s.spans[-1][1]].tolist() for k, s in zip(cases, seqs)}
     assert supervised["none"] == supervised["same"] == canonical + [im_end]
     assert supervised["split"] == supervised["split_end"] == by_chars + [im_end]
     assert [(s.engine_ids, s.retokenized_differs) for s in seqs] == [(0, 0), (1, 0), (1, 1), (1, 1)]
-    out_of_vocab = build_sequences(target, [conv("bad", [len(tok) + 5])], regenerate=False, max_new_tokens=8,
-                                   max_length=4096)[0]
+    out_of_vocab = sequences(target, [conv("bad", [len(tok) + 5])], regenerate=False, max_new_tokens=8)[0]
     assert isinstance(out_of_vocab, SkipSample) and out_of_vocab.reason == "unknown_format"
 
 

@@ -55,7 +55,10 @@ def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vo
     state = train(cfg)
     assert state.step == 30
     seq = losses(tmp_path / "run")
-    assert np.mean([seq[s] for s in range(26, 31)]) < np.mean([seq[s] for s in range(1, 6)])
+    assert sorted(seq) == list(range(1, 31)) and all(np.isfinite(list(seq.values())))
+    # Measured: the last five steps' mean loss is 0.84-0.88 of the first five's for the three modes (lr 3e-3);
+    # 0.95 leaves room for other kernels and still fails a run that does not learn.
+    assert np.mean([seq[s] for s in range(26, 31)]) <= 0.95 * np.mean([seq[s] for s in range(1, 6)])
     png = plot_run(tmp_path / "run", tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -63,11 +66,12 @@ def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vo
 
 
 def test_killed_and_resumed_run_reproduces_the_loss_sequence(cache, tmp_path):
-    train(tiny(cache, tmp_path / "straight"))
+    """Equal to the digit whatever the machine's core count: both runs pin the same intra-op thread count."""
+    train(tiny(cache, tmp_path / "straight", "threads=1"))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={run_dir}",
            "optim.max_steps=12", "log_every=1", "save_every=4", "eval_every=6", "progress=false",
-           "objective.num_anchors=16", f"hydra.run.dir={tmp_path}/hydra"]
+           "objective.num_anchors=16", "threads=1", f"hydra.run.dir={tmp_path}/hydra"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "step-00000004" / "state.json").exists() and time.time() < deadline:
@@ -185,7 +189,10 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
     assert ranks[0]["digest"] == ranks[1]["digest"]  # gradients were averaged: the replicas agree
     saved = load_file(str(run / "checkpoints" / "step-00000003" / "model.safetensors"))
     assert digest(saved) == ranks[0]["digest"]
-    assert "eval/loss" in (run / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2] and np.isfinite(evals[0]["eval/loss"])  # rank 0 alone, eval_every=2
+    assert 1 <= evals[0]["eval/tau_replay"] <= 8
 
 
 @pytest.mark.parametrize("workers", [0, 1])

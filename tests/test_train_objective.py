@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from helpers import seeded
 from train.attention import build_mask
-from train.config import DrafterConfig
+from train.config import DrafterConfig, ObjectiveConfig
 from train.model import Drafter
 from train.objective import (Blocks, Objective, add_sums, block_stats, draft_vocab, make_blocks,
-                             resolve_gamma, sample_anchors, sample_prefix, summarise)
+                             resolve_gamma, sample_anchors, sample_prefix, step_metrics)
 
 V, H, L, BLOCK, MASK = 97, 32, 3, 4, 96
 
@@ -36,9 +37,9 @@ def make_batch(lengths, seed=0, pad_to=None):
 
 
 def drafter(seed=0, **kw):
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    return Drafter(tiny_cfg(**kw), torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)).double()
+    with seeded(seed):
+        return Drafter(tiny_cfg(**kw), torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)).double()
 
 
 @pytest.mark.parametrize("mode", ["dflash", "vp"])
@@ -173,8 +174,8 @@ def test_chunked_loss_and_gradients_equal_unchunked(vocab_size):
     results = []
     for chunk in (5, 10_000, None):
         model = drafter(seed=3)
-        objective = Objective(block_size=BLOCK, mask_id=MASK, head_VH=model.lm_head_VH, gamma=4.0, num_anchors=6,
-                              loss_chunk_rows=chunk or 1, draft_ids=draft_ids)
+        objective = Objective(ObjectiveConfig(gamma=4.0, num_anchors=6, loss_chunk_rows=chunk or 1), block_size=BLOCK,
+                              mask_id=MASK, head_VH=model.lm_head_VH, draft_ids=draft_ids)
         blocks = objective.blocks(batch, step=0)
         if chunk is None:  # the reference: full logits, labels mapped by hand
             mask_ = build_mask(blocks.anchors_BN, lens, ids.shape[1], BLOCK, "dense")
@@ -209,7 +210,7 @@ def test_step_normalisation_makes_micro_batches_equal_one_batch():
     outcome = []
     for batches in ([whole], parts):
         model = drafter(seed=5)
-        objective = Objective(block_size=BLOCK, mask_id=MASK, head_VH=model.lm_head_VH, num_anchors=5)
+        objective = Objective(ObjectiveConfig(num_anchors=5), block_size=BLOCK, mask_id=MASK, head_VH=model.lm_head_VH)
         blocks = [objective.blocks(b, step=3) for b in batches]
         total_weight = sum(b.weights_BQ.sum() for b in blocks)
         loss = sum(objective.loss(model, b, blk)[0] / total_weight for b, blk in zip(batches, blocks))
@@ -233,13 +234,13 @@ def test_block_stats_count_leading_correct_slots_and_average_slots_over_scored_s
     correct = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 1]], dtype=torch.bool)  # block 0 accepts 2, block 1 accepts 1
     one = {"loss_sum": torch.tensor(6.0), "weight": torch.tensor(3.0), "tokens": torch.tensor(8.0),
            **block_stats(correct, blocks, 4)}
-    m = summarise(dict(one))
+    m = step_metrics(dict(one))
     assert m["acceptance_estimate"] == pytest.approx(((2 + 1) + (1 + 1)) / 2) and m["loss"] == 2.0
     assert m["acc_1"] == pytest.approx(1.0) and m["acc_2"] == pytest.approx(0.5) and m["acc_3"] == pytest.approx(0.5)
     # A second step that scores slot 3 nowhere: slot 3's accuracy stays the mean over the step that scored it.
     blocks.weights_BQ = torch.tensor([[1.0, 1, 1, 0, 1, 1, 1, 0]])
     two = {"loss_sum": torch.tensor(0.0), "weight": torch.tensor(1.0), "tokens": torch.tensor(8.0),
            **block_stats(torch.zeros(1, 8, dtype=torch.bool), blocks, 4)}
-    m = summarise(add_sums(dict(one), two))
+    m = step_metrics(add_sums(dict(one), two))
     assert m["acc_3"] == pytest.approx(0.5) and m["acc_1"] == pytest.approx(2 / 4)
     assert m["loss"] == pytest.approx(6.0 / 4.0)

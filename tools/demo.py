@@ -27,29 +27,31 @@ HELDOUT_PROMPTS = 48
 DRAFTER_STEPS = 600
 DRAFTER_LR = 3e-3  # chosen on an earlier target at 150 steps (held-out tau 3.10; 2e-3: 2.71, 1e-3: 2.64), kept
 MAX_NEW_TOKENS = 96
+STEP_WIDTH = 56  # the console's stage column
 
 
 def run_steps(jobs: list[tuple[str, list]], env: dict, logs: Path, timings: dict) -> None:
-    """Run the jobs side by side (one core each): the first one's output on the console, the others' in
-    `logs/TITLE.log`. Stops the demo, with the log's tail, if any job fails."""
+    """Run the jobs side by side (one core each), each one's command and output in `logs/TITLE.log`; one console
+    line per job when it ends (what, how long, where its log is). Stops the demo, with the log's tail, if any job
+    fails."""
     logs.mkdir(parents=True, exist_ok=True)
     running = []
-    for i, (title, cmd) in enumerate(jobs):
+    for title, cmd in jobs:
         cmd = [str(c) for c in cmd]
-        log = None if i == 0 else logs / f"{title.replace(' ', '_')}.log"
-        print(f"\n=== {title}" + (f" (beside the above; output in {log})" if log else "") + f"\n$ {' '.join(cmd)}",
-              flush=True)
-        out = open(log, "w") if log else None
-        running.append((title, log, out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                                          else None), time.perf_counter()))
+        log = logs / f"{title.replace(' ', '_')}.log"
+        out = open(log, "w")
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        running.append((title, log, out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT),
+                        time.perf_counter()))
     for title, log, out, proc, t0 in running:
         code = proc.wait()
         timings[title] = time.perf_counter() - t0
-        if out:
-            out.close()
+        out.close()
         if code:
-            tail = log.read_text()[-3000:] if log else ""
-            raise SystemExit(f"demo step '{title}' failed with exit code {code}\n{tail}")
+            raise SystemExit(f"demo step '{title}' failed with exit code {code} (log: {log})\n"
+                             f"{log.read_text()[-3000:]}")
+        print(f"  {title:<{STEP_WIDTH}} {timings[title]:5.0f} s   {log}", flush=True)
 
 
 def main() -> None:
@@ -71,14 +73,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.rebuild_target:
-        print("=== building the learned target (reused while its generator and settings are unchanged)", flush=True)
+        print("building the learned target (reused while its generator and settings are unchanged)", flush=True)
         target_dir = learned_target.ensure(work.parent / "learned-target")
     else:
         target_dir = args.target_dir
         if not (target_dir / "model").is_dir() or not (target_dir / "accuracy.json").is_file():
             raise SystemExit(f"--target-dir {target_dir} does not hold a learned target (model/ and accuracy.json, as "
                              "`python -m tools.learned_target OUT` writes them)")
-    print(f"=== the learned target: {target_dir}", flush=True)
+    print(f"demo in {work} (every stage's log under {work / 'logs'}); learned target {target_dir}", flush=True)
     timings["learned target"] = time.perf_counter() - t0
     model = target_dir / "model"
     accuracy = json.loads((target_dir / "accuracy.json").read_text())

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText
 
 from extract.formats import parse_sample
-from extract.regenerate import header_spans
 from tools import scenes
 from tools.corpus import training_text
 from tools.tiny_targets import build_config, build_processor, build_tokenizer
@@ -75,6 +74,22 @@ class Settings:
 def chat(sample: scenes.Sample, answers: str = "canonical") -> list[dict]:
     """The sample's messages as extraction sees them: its own record parsed by the pipeline's parser."""
     return parse_sample(scenes.to_record(sample, answers), source="scenes").messages
+
+
+def header_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[int, int]]:
+    """Spans after each `header` occurrence up to and including the next `end_id` (unclosed spans dropped)."""
+    spans, n, i = [], len(header), 0
+    while i + n <= len(ids):
+        if ids[i:i + n] == header:
+            start = i + n
+            end = next((j for j in range(start, len(ids)) if ids[j] == end_id), None)
+            if end is None:
+                break
+            spans.append((start, end + 1))
+            i = end + 1
+        else:
+            i += 1
+    return spans
 
 
 def build_processor_for(corpus_samples: list[scenes.Sample]):
@@ -202,7 +217,7 @@ def turn_prompts(sample: scenes.Sample) -> list[tuple[str, list[dict], str]]:
 
 
 @torch.no_grad()
-def evaluate(model, processor, held_out: list[scenes.Sample], batch_size: int = 16,
+def held_out_accuracy(model, processor, held_out: list[scenes.Sample], batch_size: int = 16,
              progress: bool = True) -> dict:
     """Greedy answers to every turn of the held-out samples (history: the canonical answers).
 
@@ -250,9 +265,19 @@ def dir_mb(path: Path) -> float:
 
 
 def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> dict:
-    """Train the learned target into `out/model`, write `out/accuracy.json`, return that report."""
-    out = Path(out)
+    """Train the learned target into `out/model`, write `out/accuracy.json`, return that report. The thread
+    count is part of the settings (it changes the rounding, hence the model); the caller's is restored, and so
+    is the global RNG that seeds the initialisation."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _build(Path(out), settings, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, settings: Settings, progress: bool) -> dict:
     t0 = time.perf_counter()
     # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
     train_set = scenes.samples("target", settings.train_samples, settings.seed)
@@ -270,7 +295,7 @@ def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> 
     cpu_train = time.process_time() - cpu0
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
-    report = evaluate(model, processor, held_out, progress=progress)
+    report = held_out_accuracy(model, processor, held_out, progress=progress)
     report.update(settings=asdict(settings), key=settings.key(), data_seconds=round(t_data, 1),
                   train_seconds=round(t_train, 1), train_cpu_seconds=round(cpu_train, 1),
                   eval_seconds=round(time.perf_counter() - t0 - t_data - t_train, 1),

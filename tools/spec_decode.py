@@ -22,23 +22,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract.formats import Conversation, SkipSample, parse_sample
-from extract.regenerate import (Dialog, answer_text, encode, generate, history_messages, images_in, regenerate_turns,
-                                render)
+from cache_schema import Manifest
+from extract.formats import SkipSample, parse_sample
+from extract.prompts import GenerationSettings, Prompts
+from extract.regenerate import generate, last_turn_prompt
 from extract.sources import conversations, expand_shards
 from extract.target import Target, config_fingerprint, load_target
-from tools.speculate import Speculator
-from train.checkpoint import load_drafter, resolve_checkpoint
-from train.replay import Drafting
+from tools.speculative_decoder import SpeculativeDecoder
+from train.checkpoint import load_drafter, read_checkpoint
+from train.replay import GreedyDrafter, acceptance
 
 log = logging.getLogger("spec_decode")
 
 
-def shard_conversations(spec: str, skips: Counter | None = None, fmt: str = "auto"):
-    """Conversations of every shard; bad samples are logged and counted in `skips`."""
-    skips = Counter() if skips is None else skips
+def counting_skips(skips: Counter):
+    """An `on_skip(key, skip)` that counts by reason into `skips` and logs the key."""
+    def on_skip(key, skip: SkipSample):
+        skips[skip.reason] += 1
+        log.warning("skipped %s: %s", key, skip)
+    return on_skip
+
+
+def shard_conversations(spec: str, on_skip=None, fmt: str = "auto"):
+    """Conversations of every shard; a bad sample's SkipSample goes to `on_skip` (default: counted nowhere,
+    logged)."""
+    on_skip = on_skip or counting_skips(Counter())
     for url in expand_shards(spec):
-        yield from conversations(url, fmt, skips, lambda key, skip: log.warning("skipped %s: %s", key, skip))
+        yield from conversations(url, fmt, on_skip)
 
 
 def file_conversations(path: Path):
@@ -70,38 +80,16 @@ def file_conversations(path: Path):
             raise ValueError(f"{path}: sample {i}: {skip}") from skip
 
 
-def last_prompt(target: Target, conv: Conversation, gen: dict) -> dict | SkipSample:
-    """The last assistant turn's prompt, encoded (batch of 1), earlier assistant turns regenerated as extraction
-    regenerates them (the same functions); skipped where extraction skips it."""
-    def render_msgs(messages, gen_prompt):
-        return render(target, messages, gen_prompt, gen.get("system_prompt"), gen.get("enable_thinking"))
-
-    last = conv.assistant_turns[-1]
-    dialog = Dialog(Conversation(conv.key, conv.source, conv.messages[:last], conv.images))
-    regenerate_turns(target, [dialog], gen["max_new_tokens"], gen["max_length"], render_msgs)
-    if dialog.skip:
-        return dialog.skip
-    if dialog.truncated:
-        return SkipSample("history_truncated", "an earlier turn hit max_new_tokens: extraction ends the "
-                          "conversation there")
-    msgs = history_messages(conv, last, [answer_text(target, a) for a in dialog.answers])
-    batch = encode(target, [render_msgs(msgs, True)], [images_in(msgs, conv)])
-    if batch["input_ids"].shape[1] > gen["max_length"]:
-        return SkipSample("too_long", f"prompt of {batch['input_ids'].shape[1]} tokens > max_length "
-                          f"{gen['max_length']}")
-    return batch
-
-
-def check_target(target: Target, manifest: dict, where: str) -> None:
-    want = manifest["target"]
+def check_target(target: Target, manifest: Manifest, where: str) -> None:
+    want = {"model_type": manifest.target.model_type, "fingerprint": manifest.target.fingerprint}
     have = {"model_type": target.family, "fingerprint": config_fingerprint(target.model.config)}
-    bad = {k: (want.get(k), v) for k, v in have.items() if want.get(k) != v}
+    bad = {k: (want[k], v) for k, v in have.items() if want[k] != v}
     if bad:
         raise ValueError(f"{where} was trained on a cache of another target: " + ", ".join(
             f"{k} {a!r} in its cache, {b!r} loaded" for k, (a, b) in bad.items()))
 
 
-def build(target: Target, drafter: Path, vp: Path | None, k: int, device) -> Speculator:
+def build(target: Target, drafter: Path, vp: Path | None, k: int, device) -> SpeculativeDecoder:
     head = target.head_tensors()
     ckpts = []
     for path in [drafter] + ([vp] if vp else []):
@@ -113,9 +101,9 @@ def build(target: Target, drafter: Path, vp: Path | None, k: int, device) -> Spe
     if vp and ckpts[1].drafter.position_source != d.position_source:
         raise ValueError(f"--vp {vp}: position_source {ckpts[1].drafter.position_source!r} but the DFlash drafter "
                          f"uses {d.position_source!r}")
-    drafting = [Drafting.from_checkpoint(c) for c in ckpts]
-    return Speculator(target, drafting[0], list(d.target_layer_ids), d.position_source,
-                      ckpts[0].manifest["storage"]["hidden_dtype"], vp=drafting[1] if vp else None, k=k)
+    drafting = [GreedyDrafter.from_checkpoint(c) for c in ckpts]
+    return SpeculativeDecoder(target, drafting[0], list(d.target_layer_ids), d.position_source,
+                      ckpts[0].manifest.storage.hidden_dtype, vp=drafting[1] if vp else None, k=k)
 
 
 def _sync(device) -> None:
@@ -130,36 +118,38 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         raise ValueError("give exactly one of --shards and --prompts")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # A run directory stands for its latest checkpoint, as in train.evaluate and train.export.
-    drafter = resolve_checkpoint(drafter)
-    vp = resolve_checkpoint(vp) if vp is not None else None
-    manifest_file = Path(drafter) / "cache_manifest.json"
-    if not manifest_file.exists():
-        raise ValueError(f"--drafter {drafter} is not a drafter checkpoint (no cache_manifest.json)")
-    gen = dict(json.loads(manifest_file.read_text()).get("generation") or {})
-    target = load_target(target_path, dtype=dtype or gen.get("target_dtype", "bfloat16"), device=device)
-    spec = build(target, Path(drafter), Path(vp) if vp else None, k, device)
-    gen.setdefault("max_length", 4096)
+    info = read_checkpoint(drafter)
+    drafter = info.path
+    vp = read_checkpoint(vp).path if vp is not None else None
+    generation = info.manifest.generation
+    # The prompts the drafter was trained on: the settings its cache was extracted with.
+    settings = GenerationSettings.from_manifest(generation)
     if max_new_tokens is not None:
-        gen["max_new_tokens"] = max_new_tokens
-    if gen.get("max_new_tokens", 0) < 1:
-        raise ValueError(f"--max-new-tokens={gen.get('max_new_tokens')} must be >= 1")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+        settings.max_new_tokens = max_new_tokens
+    settings.check()
+    target = load_target(target_path, dtype=dtype or generation.get("target_dtype", "bfloat16"), device=device)
+    spec = build(target, Path(drafter), Path(vp) if vp else None, k, device)
+    renderer = Prompts(target, settings)
     rows, skipped = [], Counter()
-    convs = shard_conversations(shards, skipped) if shards else file_conversations(prompts)
+    on_skip = counting_skips(skipped)
+    convs = shard_conversations(shards, on_skip) if shards else file_conversations(prompts)
     bar = tqdm(total=max_prompts, unit="prompt", desc="spec_decode", disable=not progress)
     for conv in convs:
         if max_prompts is not None and len(rows) >= max_prompts:
             break
-        batch = last_prompt(target, conv, gen)
-        if isinstance(batch, SkipSample):
-            skipped[batch.reason] += 1
-            log.warning("skipped %s: %s", conv.key, batch)
+        try:
+            batch = last_turn_prompt(renderer, conv)
+        except SkipSample as skip:
+            on_skip(conv.key, skip)
             continue
         _sync(device)
         t0 = time.perf_counter()
-        (reference,), _ = generate(target, batch, gen["max_new_tokens"])
+        (reference,), _ = generate(target, batch, settings.max_new_tokens)
         _sync(device)
         ref_seconds = time.perf_counter() - t0
-        result = spec.decode(batch, gen["max_new_tokens"])
+        result = spec.decode(batch, settings.max_new_tokens)
         rows.append({"key": conv.key, "images": len(conv.images), "prompt_tokens": batch["input_ids"].shape[1],
                      "generated": len(result.tokens), "lossless": result.tokens == reference,
                      "cycles": len(result.accepted), "accepted": result.accepted, "committed": result.committed,
@@ -170,11 +160,11 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     bar.close()
     if not rows:
         raise ValueError(f"no prompt to decode in {shards or prompts} (skipped: {dict(skipped) or 'none'})")
-    report = summarise(rows, spec.dflash.block)
+    report = decode_figures(rows, spec.dflash.block)
     report.update({"target": target_path, "drafter": str(drafter), "vp": str(vp) if vp else None,
                    "k": k if vp else None, "batch": "one prompt at a time",
                    "d2sd_verification": "branches one after another" if vp else None,
-                   "max_new_tokens": gen["max_new_tokens"], "skipped": dict(skipped), "prompts": rows})
+                   "max_new_tokens": settings.max_new_tokens, "skipped": dict(skipped), "prompts": rows})
     print(table(report))
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -182,8 +172,8 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     return report
 
 
-def summarise(rows: list[dict], block: int) -> dict:
-    """Pooled figures: tau = committed tokens / cycles, P(slot k accepted), histogram of a, tokens/s."""
+def decode_figures(rows: list[dict], block: int) -> dict:
+    """Pooled figures (train.replay.acceptance: tau, P(slot k accepted), histogram of a), per group, tokens/s."""
     a = np.array([x for r in rows for x in r["accepted"]], dtype=np.int64)
     committed = sum(sum(r["committed"]) for r in rows)
     tokens = sum(r["generated"] for r in rows)
@@ -191,12 +181,9 @@ def summarise(rows: list[dict], block: int) -> dict:
     groups = {"all": rows, "images": [r for r in rows if r["images"]],
               "text_only": [r for r in rows if not r["images"]]}
     return {"lossless": all(r["lossless"] for r in rows), "samples": len(rows),
-            "lossless_samples": sum(r["lossless"] for r in rows), "cycles": int(a.size), "committed": committed,
-            "tau": committed / a.size if a.size else None,
+            "lossless_samples": sum(r["lossless"] for r in rows), **acceptance(a, committed, block),
             "tau_by_group": {g: (sum(sum(r["committed"]) for r in rs) / n if (n := sum(r["cycles"] for r in rs))
                                  else None) for g, rs in groups.items()},
-            "accept_per_slot": [float((a >= s).mean()) if a.size else None for s in range(1, block)],
-            "accepted_hist": np.bincount(a, minlength=block).tolist(),
             "target_forwards_per_cycle": sum(r["target_forwards"] for r in rows) / a.size if a.size else None,
             "generated_tokens": tokens, "spec_tokens_per_s": tokens / spec_s if spec_s else None,
             "generate_tokens_per_s": tokens / ref_s if ref_s else None}

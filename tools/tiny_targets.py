@@ -197,16 +197,17 @@ def build_target(family: str, out_dir: Path, seed: int = 0, template: str | None
     path = Path(out_dir) / (family if own else f"{family}-{template}")
     tok = build_tokenizer()
     config = build_config(family, tok)
-    torch.manual_seed(seed)
     auto = AutoModelForCausalLM if family == "qwen3" else AutoModelForImageTextToText
-    model = auto.from_config(config, dtype=torch.float32)
-    # Random init at std 0.02 gives near-uniform logits; a larger scale makes greedy outputs vary by input,
-    # so regeneration tests compare real decisions rather than ties.
-    # A larger end-of-turn row makes the tiny targets stop by themselves at varied lengths, so regeneration
-    # exercises both the stop and the truncation paths.
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 1.0)
-        model.get_output_embeddings().weight[tok.convert_tokens_to_ids("<|im_end|>")] *= 3.0
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's global RNG left as it was
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=torch.float32)
+        # Random init at std 0.02 gives near-uniform logits; a larger scale makes greedy outputs vary by input,
+        # so regeneration tests compare real decisions rather than ties.
+        # A larger end-of-turn row makes the tiny targets stop by themselves at varied lengths, so regeneration
+        # exercises both the stop and the truncation paths.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, 1.0)
+            model.get_output_embeddings().weight[tok.convert_tokens_to_ids("<|im_end|>")] *= 3.0
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = config.get_text_config().pad_token_id
     model.save_pretrained(path)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cache_schema import Manifest
+
 PREFIX = "step-"
 
 
@@ -63,7 +65,8 @@ def save(run_dir: Path, state: TrainState, model_state: dict, optimizer, schedul
 def load(path: Path, model, optimizer, scheduler) -> TrainState:
     path = Path(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
-    blob = torch.load(path / "optim.pt", weights_only=False)
+    # weights_only: a run directory may come from elsewhere, and unpickling arbitrary objects would run its code.
+    blob = torch.load(path / "optim.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     return TrainState(**json.loads((path / "state.json").read_text()))
@@ -93,33 +96,62 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 
 @dataclass
-class DrafterCheckpoint:
-    """A trained drafter as evaluation, speculative decoding and export need it."""
+class CheckpointInfo:
+    """What a checkpoint says about itself, without its weights: how it was trained and on which cache."""
 
     path: Path
-    model: "Drafter"  # noqa: F821
-    drafter: "DrafterConfig"  # noqa: F821  (dimensions and mask id resolved)
-    config: dict  # the whole train config
-    manifest: dict  # the cache manifest it was trained from
-    draft_ids: torch.Tensor | None  # ascending target ids of a reduced vocabulary
+    train: "TrainConfig"  # noqa: F821  the whole train config (drafter dimensions and mask id resolved)
+    manifest: Manifest  # of the cache it was trained from
+
+    @property
+    def drafter(self) -> "DrafterConfig":  # noqa: F821
+        return self.train.drafter
+
+    @property
+    def cache_url(self) -> str | None:
+        return self.train.data.cache
+
+    @property
+    def eval_shards(self) -> int:
+        """The last this many committed shards of its cache were held out for evaluation."""
+        return self.train.data.eval_shards
+
+
+def read_checkpoint(path: Path) -> CheckpointInfo:
+    """A checkpoint directory, or a run directory's latest checkpoint, read without its weights."""
+    from train.config import from_dict
+
+    path = resolve_checkpoint(path)
+    if not (path / "state.json").exists():
+        raise ValueError(f"{path} is not a complete drafter checkpoint (no state.json)")
+    for name in ("config.json", "cache_manifest.json"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} is not a drafter checkpoint (no {name})")
+    train = from_dict(json.loads((path / "config.json").read_text()), where=f"{path}/config.json")
+    manifest = Manifest.from_dict(json.loads((path / "cache_manifest.json").read_text()),
+                                  where=f"{path}/cache_manifest.json")
+    return CheckpointInfo(path=path, train=train, manifest=manifest)
+
+
+@dataclass
+class DrafterCheckpoint(CheckpointInfo):
+    """A trained drafter as evaluation, speculative decoding and export need it."""
+
+    model: "Drafter" = None  # noqa: F821
+    draft_ids: torch.Tensor | None = None  # ascending target ids of a reduced vocabulary
 
 
 def load_drafter(path: Path, embed_VH: torch.Tensor | None = None,
                  lm_head_VH: torch.Tensor | None = None) -> DrafterCheckpoint:
-    """A checkpoint directory -> the drafter with its weights; the target's embedding and head are the
+    """A checkpoint (or run) directory -> the drafter with its weights; the target's embedding and head are the
     caller's (from the cache or the target model), or None for a headless drafter (export)."""
-    from train.config import DrafterConfig
     from train.model import Drafter
 
-    path = Path(path)
-    if not (path / "state.json").exists():
-        raise ValueError(f"{path} is not a complete drafter checkpoint (no state.json)")
-    config = json.loads((path / "config.json").read_text())
-    drafter = DrafterConfig(**config["drafter"])
-    model = Drafter(drafter, embed_VH, lm_head_VH)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    vocab = path / "draft_vocab.safetensors"
+    info = read_checkpoint(path)
+    with torch.random.fork_rng(devices=[]):  # the initialisation is overwritten; the caller's RNG is left alone
+        model = Drafter(info.drafter, embed_VH, lm_head_VH)
+    model.load_state_dict(load_file(str(info.path / "model.safetensors")))
+    vocab = info.path / "draft_vocab.safetensors"
     draft_ids = load_file(str(vocab))["draft_ids"] if vocab.exists() else None
-    manifest = json.loads((path / "cache_manifest.json").read_text())
-    return DrafterCheckpoint(path=path, model=model.eval(), drafter=drafter, config=config, manifest=manifest,
+    return DrafterCheckpoint(path=info.path, train=info.train, manifest=info.manifest, model=model.eval(),
                              draft_ids=draft_ids)

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from train.objective import resolve_gamma
+# sequential: token index, what SGLang and vLLM's default runner feed; mrope_axis0: vLLM's V1 runner only.
+POSITION_SOURCES = ("sequential", "mrope_axis0")
+MODES = ("dflash", "vp")
+ATTENTION = ("auto", "flex", "dense")
+
+
+def check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}; choose {', '.join(choices[:-1])} or {choices[-1]}")
+
 
 @dataclass
 class DrafterConfig:
@@ -28,8 +37,7 @@ class DrafterConfig:
     max_position_embeddings: int = 32768
     block_size: int = 16
     mask_token_id: int | None = None  # None: first unused vocabulary slot, len(cache tokenizer)
-    # sequential: token index, what SGLang and vLLM's default runner feed; mrope_axis0: vLLM's V1 runner only.
-    position_source: str = "sequential"
+    position_source: str = "sequential"  # one of POSITION_SOURCES
 
 
 @dataclass
@@ -81,6 +89,7 @@ class TrainConfig:
     attention: str = "auto"  # auto (flex on CUDA, dense elsewhere) | flex | dense
     progress: bool = True
     expect_target: str | None = None  # when set, the cache's target.name_or_path must equal it
+    threads: int | None = None  # intra-op CPU threads of every rank; None: torch's default (docs/decisions.md)
 
 
 # Keys that count something (>= 1) and keys that may be 0 to switch something off (>= 0).
@@ -104,21 +113,35 @@ def validate(cfg: TrainConfig) -> None:
         for key in keys:
             if _get(cfg, key) < low:
                 raise ValueError(f"{key}={_get(cfg, key)} must be >= {low}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads={cfg.threads} must be >= 1 (null: torch's default)")
     d = cfg.drafter
     if d.block_size < 2:
         raise ValueError(f"drafter.block_size={d.block_size} must be >= 2 (slot 0 holds the verified token)")
     if d.num_attention_heads % d.num_key_value_heads:
         raise ValueError(f"drafter.num_attention_heads={d.num_attention_heads} must be a multiple of "
                          f"drafter.num_key_value_heads={d.num_key_value_heads}")
-    if d.position_source not in ("sequential", "mrope_axis0"):
-        raise ValueError(f"drafter.position_source={d.position_source!r}; choose sequential or mrope_axis0")
+    check_choice("drafter.position_source", d.position_source, POSITION_SOURCES)
     if not 0 < d.partial_rotary_factor <= 1:
         raise ValueError(f"drafter.partial_rotary_factor={d.partial_rotary_factor} must be in (0, 1]")
-    if cfg.objective.mode not in ("dflash", "vp"):
-        raise ValueError(f"objective.mode={cfg.objective.mode!r}; choose dflash or vp")
+    check_choice("objective.mode", cfg.objective.mode, MODES)
+    from train.objective import resolve_gamma  # the objective reads this config: imported here, not at the top
+
     resolve_gamma(cfg.objective.gamma, d.block_size)
-    if cfg.attention not in ("auto", "flex", "dense"):
-        raise ValueError(f"attention={cfg.attention!r}; choose auto, flex or dense")
+    check_choice("attention", cfg.attention, ATTENTION)
+
+
+SECTIONS = {"drafter": DrafterConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
+
+
+def from_dict(data: dict, where: str) -> TrainConfig:
+    """A resolved train config (a checkpoint's config.json) back into its dataclasses; keys a checkpoint
+    predates keep their defaults, a key this version does not know is refused by name."""
+    try:
+        parts = {name: kind(**data.get(name, {})) for name, kind in SECTIONS.items()}
+        return TrainConfig(**parts, **{k: v for k, v in data.items() if k not in SECTIONS})
+    except TypeError as e:
+        raise ValueError(f"{where}: not a train config of this version ({e})") from e
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheReader
+from train.config import POSITION_SOURCES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ class CacheDataset(Dataset):
     """Samples of the chosen shards of a cache; `positions` is the drafter's 1-D position source."""
 
     def __init__(self, reader: CacheReader, shards: list[str], position_source: str):
-        if position_source not in ("mrope_axis0", "sequential"):
-            raise ValueError(f"drafter.position_source={position_source!r}; choose mrope_axis0 or sequential")
+        check_choice("drafter.position_source", position_source, POSITION_SOURCES)
         self.reader = reader
         self.position_source = position_source
         starts = self.reader.starts
@@ -96,8 +96,9 @@ class PaddedBatches(Dataset):
 def batch_loader(dataset: CacheDataset, batches: list[list[int]], num_workers: int) -> DataLoader:
     """Padded batches in the order of `batches`; each is read and assembled whole in a worker (or in
     process with 0 workers) and arrives as is."""
+    # Its own generator: the workers' base seed would otherwise be drawn from (and advance) the global RNG.
     return DataLoader(PaddedBatches(dataset), sampler=batches, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
 
 def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, bucket: int, seed: int,

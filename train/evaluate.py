@@ -17,10 +17,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from cache_schema import CacheReader, Manifest  # noqa: E402
-from train.checkpoint import load_drafter, resolve_checkpoint  # noqa: E402
+from cache_schema import CacheReader  # noqa: E402
+from train.checkpoint import load_drafter, read_checkpoint  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
-from train.replay import GROUPS, Drafting, replay_records, summarise  # noqa: E402
+from train.replay import GROUPS, GreedyDrafter, replay_records, replay_figures  # noqa: E402
 
 
 # What a drafter needs of a cache it is judged on; storage (bf16/fp8) and generation settings may differ, e.g. a
@@ -30,16 +30,15 @@ SAME_FOR_REPLAY = ("target", "target_layer_ids", "layer_convention", "tokenizer_
 
 def load(path: Path, reader: CacheReader, head: dict, device, backend: str):
     ckpt = load_drafter(path, head["embed_tokens"], head["lm_head"])
-    trained = Manifest.from_dict(ckpt.manifest, where=f"{path}/cache_manifest.json")
-    bad = [k for k in reader.manifest.mismatches(trained) if k.split(".")[0] in SAME_FOR_REPLAY]
+    bad = [k for k in reader.manifest.mismatches(ckpt.manifest) if k.split(".")[0] in SAME_FOR_REPLAY]
     if bad:
         raise ValueError(f"drafter {path} was trained on another target than cache {reader.loc.url}: differing "
                          f"keys {bad}")
     ckpt.model.to(device)
-    return ckpt, Drafting.from_checkpoint(ckpt, backend)
+    return ckpt, GreedyDrafter.from_checkpoint(ckpt, backend)
 
 
-def pick_shards(reader: CacheReader, config: dict, shards: str | None) -> list[str]:
+def pick_shards(reader: CacheReader, eval_shards: int, shards: str | None) -> list[str]:
     if shards:
         wanted = shards.split(",")
         unknown = [s for s in wanted if s not in reader.shards]
@@ -47,30 +46,29 @@ def pick_shards(reader: CacheReader, config: dict, shards: str | None) -> list[s
             raise ValueError(f"--shards: {unknown} not committed in cache {reader.loc.url} "
                              f"(it has {reader.shards})")
         return wanted
-    held_out = split_shards(reader, config["data"]["eval_shards"])[1]
+    held_out = split_shards(reader, eval_shards)[1]
     if not held_out:
-        raise ValueError(f"cache {reader.loc.url} held out no eval shard (data.eval_shards="
-                         f"{config['data']['eval_shards']}, {len(reader.shards)} shards); name some with --shards")
+        raise ValueError(f"cache {reader.loc.url} held out no eval shard (data.eval_shards={eval_shards}, "
+                         f"{len(reader.shards)} shards); name some with --shards")
     return held_out
 
 
-def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = None, vp_path: Path | None = None,
+def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str | None = None, vp_path: Path | None = None,
              k: int = 4, max_samples: int | None = None, out: Path | None = None, device: str | None = None,
              backend: str = "dense", progress: bool = True) -> dict:
     if k < 1:
         raise ValueError(f"--k={k} must be >= 1")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"--max-samples={max_samples} must be >= 1")
-    ckpt_path = resolve_checkpoint(ckpt_path)
-    if not (ckpt_path / "config.json").exists():
-        raise ValueError(f"{ckpt_path} is not a drafter checkpoint (no config.json)")
-    reader = CacheReader(cache or json.loads((ckpt_path / "config.json").read_text())["data"]["cache"])
+    info = read_checkpoint(ckpt_path)
+    ckpt_path = info.path
+    reader = CacheReader(cache or info.cache_url)
     head = reader.head_tensors()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, dflash = load(ckpt_path, reader, head, device, backend)
     vp = None
     if vp_path is not None:
-        vp_path = resolve_checkpoint(vp_path)
+        vp_path = read_checkpoint(vp_path).path
         vp_ckpt, vp = load(vp_path, reader, head, device, backend)
         if vp_ckpt.drafter.block_size != ckpt.drafter.block_size:
             raise ValueError(f"--vp {vp_path}: drafter.block_size={vp_ckpt.drafter.block_size} but the DFlash "
@@ -78,7 +76,7 @@ def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = Non
         if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
             raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
                              f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
-    names = pick_shards(reader, ckpt.config, shards)
+    names = pick_shards(reader, ckpt.eval_shards, shards)
     dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
     if not len(dataset):
         raise ValueError(f"shards {names} of cache {reader.loc.url} hold no sample")
@@ -87,13 +85,13 @@ def evaluate(ckpt_path: Path, cache: str | None = None, shards: str | None = Non
     block = dflash.block
     result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None, "cache": reader.loc.url,
               "shards": names, "samples": len(records), "block_size": block, "k": k if vp else None,
-              "dflash": summarise(records, block, "dflash"),
+              "dflash": replay_figures(records, block, "dflash"),
               "per_sample": [{"sample_id": r["sample_id"], "key": r["key"], "images": r["images"],
                               **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum()),
                                      "accepted": r[m].accepted.tolist()}
                                  for m in ("dflash", "d2sd") if m in r}} for r in records]}
     if vp is not None:
-        result["d2sd"] = summarise(records, block, "d2sd")
+        result["d2sd"] = replay_figures(records, block, "d2sd")
     out = Path(out) if out else ckpt_path
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -159,7 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    evaluate(args.checkpoint, args.cache, args.shards, args.vp, args.k, args.max_samples, args.out, args.device,
+    evaluate_checkpoint(args.checkpoint, args.cache, args.shards, args.vp, args.k, args.max_samples, args.out, args.device,
              progress=not args.no_progress)
 
 

@@ -108,6 +108,9 @@ class DFlashDraftModel(PreTrainedModel):
     config_class = Qwen3Config
     base_model_prefix = "dflash"
     _no_split_modules = ["DFlashDecoderLayer"]
+    # Attention is computed with scaled_dot_product_attention whatever is asked, so loaders that request
+    # attn_implementation="sdpa" (as the original DFlash code does) get exactly what runs.
+    _supports_sdpa = True
 
     def __init__(self, config):
         super().__init__(config)

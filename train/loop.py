@@ -16,12 +16,12 @@ from tqdm import tqdm
 from cache_schema import CacheReader
 from train import checkpoint
 from train.checkpoint import TrainState
-from train.compat import resolve_drafter
+from train.drafter_from_cache import resolve_drafter
 from train.config import DrafterConfig, TrainConfig, validate
 from train.data import CacheDataset, batch_loader, epoch_batches, split_shards
 from train.metrics import MetricLog
 from train.model import Drafter
-from train.objective import Objective, add_sums, draft_vocab, summarise
+from train.objective import Objective, add_sums, draft_vocab, step_metrics
 from train.replay import replay_tau
 
 log = logging.getLogger("train")
@@ -54,25 +54,34 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
 
 
 @torch.no_grad()
-def evaluate(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
+def eval_loss(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
     sums: dict = {}
     for batch in batch_loader(dataset, batches, num_workers=0):
         batch = {k: v.to(device) for k, v in batch.items()}
         # Fixed draws (step 0): evaluations compare across steps.
         add_sums(sums, objective.loss(model, batch, objective.blocks(batch, step=0))[1])
-    return {f"eval/{k}": v for k, v in summarise(sums).items()}
+    return {f"eval/{k}": v for k, v in step_metrics(sums).items()}
 
 
 def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tensor, draft_ids, device):
-    o = cfg.objective
     backend = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "dense")
-    return Objective(block_size=drafter.block_size, mask_id=drafter.mask_token_id, head_VH=head_VH, mode=o.mode,
-                     gamma=o.gamma, num_anchors=o.num_anchors, prefix_weight_base=o.prefix_weight_base,
-                     loss_chunk_rows=o.loss_chunk_rows, seed=cfg.seed, draft_ids=draft_ids, backend=backend)
+    return Objective(cfg.objective, block_size=drafter.block_size, mask_id=drafter.mask_token_id, head_VH=head_VH,
+                     seed=cfg.seed, draft_ids=draft_ids, backend=backend)
 
 
 def train(cfg: TrainConfig) -> TrainState:
+    """Train (or resume) the run `cfg` describes; the caller's thread count and global RNG are left as they were."""
     validate(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> TrainState:
     run_dir = Path(cfg.run_dir)
     cuda = torch.cuda.is_available()
     # The frozen embedding and head are identical on every rank: broadcasting them each forward (DDP's
@@ -97,8 +106,9 @@ def train(cfg: TrainConfig) -> TrainState:
         draft_ids = draft_vocab(torch.as_tensor(reader.token_frequencies()), cfg.objective.draft_vocab_size)
 
     # 2. Model (fp32 master weights, bf16 frozen head), optimiser, schedule, objective.
-    torch.manual_seed(cfg.seed)
-    model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim))
@@ -161,7 +171,7 @@ def train(cfg: TrainConfig) -> TrainState:
                             sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_batches and accelerator.is_main_process:
             # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
-            evaluation = evaluate(core, objective, eval_set, eval_batches, device)
+            evaluation = eval_loss(core, objective, eval_set, eval_batches, device)
             tau = replay_tau(core, core.lm_head_VH, eval_set, replay_samples, drafter.block_size,
                              drafter.mask_token_id, draft_ids)["all"]["tau"]
             metrics.write(state.step, {**evaluation, "eval/tau_replay": math.nan if tau is None else tau})

@@ -4,7 +4,7 @@ import json
 import logging
 from pathlib import Path
 
-from train.objective import add_sums, summarise
+from train.objective import add_sums, step_metrics
 
 log = logging.getLogger("train")
 
@@ -35,7 +35,7 @@ class MetricLog:
         self.seconds += seconds
 
     def flush(self, step: int, **extra) -> dict:
-        row = summarise(self.sums)
+        row = step_metrics(self.sums)
         row.update(extra, supervised_tokens_per_s=row["supervised_tokens"] / max(self.seconds, 1e-9))
         self.sums, self.seconds = {}, 0.0
         self.write(step, row)

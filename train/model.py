@@ -147,7 +147,7 @@ class Drafter(nn.Module):
             x = layer(x, ctx, block_pos_BQ, ctx_pos_BT, self.rope, mask, backend)
         return self.norm(x)
 
-    # Inference (tools/speculate.py): the drafter keeps its own keys and values of the fused context, grown as
+    # Inference (tools/speculative_decoder.py): the drafter keeps its own keys and values of the fused context, grown as
     # the target verifies tokens, and drafts after all of it; this equals `forward` for a block anchored right
     # after the context, where the mask hides nothing of it (tests/test_spec_decode.py).
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.attention import build_mask
+from train.config import MODES, ObjectiveConfig, check_choice
 
 # DFlash's decay per block size (seed 002's Qwen3-VL recipe: B=8, gamma 4); other sizes scale 7 * B / 16.
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -73,10 +74,9 @@ def sample_anchors(loss_mask_BT, lengths_B, sample_ids_B, num_anchors: int, seed
 
 def sample_prefix(keep_BN, sample_ids_B, seed: int, step: int, block: int, base: float, mode: str):
     """Visible prefix length per block: 1 for DFlash; VP draws p in [min(2, B-1), B-1] with P(p) ~ base**p."""
+    check_choice("objective.mode", mode, MODES)
     if mode == "dflash":
         return torch.ones_like(keep_BN, dtype=torch.long)
-    if mode != "vp":
-        raise ValueError(f"objective.mode={mode!r}; choose dflash or vp")
     lo = min(2, block - 1)
     choices = torch.arange(lo, block, dtype=torch.float64)
     cdf = torch.cumsum(base ** choices, 0)
@@ -96,26 +96,44 @@ class Blocks:
     keep_BN: torch.Tensor
 
 
+def _slots(anchors_BN, lengths_B, block: int):
+    """Absolute positions [B, N, block] of every block slot and whether each lies inside its sequence."""
+    idx_BNK = anchors_BN[..., None] + torch.arange(block, device=anchors_BN.device)
+    return idx_BNK, idx_BNK < lengths_B[:, None, None]
+
+
+def block_inputs(input_ids_BT, positions_BT, lengths_B, anchors_BN, prefix_BN, block: int, mask_id: int):
+    """What the drafter is fed and asked: block input ids [B, Q] (slots < prefix the sequence's tokens, the rest
+    the mask id), their positions pos[a] + k [B, Q] and the same-position labels input_ids[a + k] [B, Q]."""
+    B, N = anchors_BN.shape
+    idx_BNK, valid = _slots(anchors_BN, lengths_B, block)
+    flat = idx_BNK.clamp_max(input_ids_BT.shape[1] - 1).flatten(1)
+    tokens = input_ids_BT.gather(1, flat).view(B, N, block)
+    k = torch.arange(block, device=anchors_BN.device)
+    visible = (k < prefix_BN[..., None]) & valid
+    ids = torch.where(visible, tokens, torch.full_like(tokens, mask_id))
+    pos = positions_BT.gather(1, anchors_BN)[..., None] + k
+    return ids.flatten(1), pos.flatten(1), tokens.flatten(1)
+
+
+def block_weights(loss_mask_BT, lengths_B, anchors_BN, keep_BN, prefix_BN, block: int, gamma: float):
+    """Loss weight of every slot [B, Q]: keep_j * loss_mask[a_j + k] * [k >= p] * exp(-(k - p) / gamma)."""
+    B, N = anchors_BN.shape
+    idx_BNK, valid = _slots(anchors_BN, lengths_B, block)
+    flat = idx_BNK.clamp_max(loss_mask_BT.shape[1] - 1).flatten(1)
+    supervised = loss_mask_BT.gather(1, flat).view(B, N, block) & valid
+    k = torch.arange(block, device=anchors_BN.device)
+    p = prefix_BN[..., None]
+    decay = torch.exp(-(k - p).clamp_min(0).double() / gamma).float()  # gamma = inf: exp(-0) = 1
+    return (keep_BN[..., None] * supervised * (k >= p) * decay).flatten(1).float()
+
+
 def make_blocks(input_ids_BT, positions_BT, loss_mask_BT, lengths_B, anchors_BN, keep_BN, prefix_BN,
                 block: int, mask_id: int, gamma: float) -> Blocks:
-    B, N = anchors_BN.shape
-    k = torch.arange(block, device=anchors_BN.device)
-    idx_BNK = anchors_BN[..., None] + k  # absolute positions of the slots
-    valid = idx_BNK < lengths_B[:, None, None]
-    safe = idx_BNK.clamp_max(input_ids_BT.shape[1] - 1)
-    flat = safe.flatten(1)
-    tokens = input_ids_BT.gather(1, flat).view(B, N, block)
-    supervised = loss_mask_BT.gather(1, flat).view(B, N, block) & valid
-    p = prefix_BN[..., None]
-    visible = (k < p) & valid
-    ids = torch.where(visible, tokens, torch.full_like(tokens, mask_id))
-    anchor_pos = positions_BT.gather(1, anchors_BN)
-    pos = anchor_pos[..., None] + k
-    decay = torch.exp(-(k - p).clamp_min(0).double() / gamma).float()  # gamma = inf: exp(-0) = 1
-    weights = keep_BN[..., None] * supervised * (k >= p) * decay
-    return Blocks(ids_BQ=ids.flatten(1), pos_BQ=pos.flatten(1), labels_BQ=tokens.flatten(1),
-                  weights_BQ=weights.flatten(1).float(), prefix_BN=prefix_BN, anchors_BN=anchors_BN,
-                  keep_BN=keep_BN)
+    ids, pos, labels = block_inputs(input_ids_BT, positions_BT, lengths_B, anchors_BN, prefix_BN, block, mask_id)
+    weights = block_weights(loss_mask_BT, lengths_B, anchors_BN, keep_BN, prefix_BN, block, gamma)
+    return Blocks(ids_BQ=ids, pos_BQ=pos, labels_BQ=labels, weights_BQ=weights, prefix_BN=prefix_BN,
+                  anchors_BN=anchors_BN, keep_BN=keep_BN)
 
 
 def _chunk_terms(h_RH, head_VH, labels_R, weights_R):
@@ -164,7 +182,7 @@ def block_stats(correct_BQ, blocks: Blocks, block: int) -> dict[str, torch.Tenso
             "accepted": ((run.clamp_min(0) + 1) * kept).sum().double(), "blocks": kept.sum().double()}
 
 
-def summarise(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+def step_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """Turn summed statistics into the logged metrics, in one device-to-host transfer."""
     host = {k: v.tolist() if torch.is_tensor(v) else v for k, v in sums.items()}
     out = {"loss": host["loss_sum"] / host["weight"] if host["weight"] else math.nan,
@@ -201,16 +219,13 @@ def target_to_draft(draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class Objective:
     """Everything the loss needs beside the model: block size, mask id, gamma, anchors, the (draft) head."""
 
-    def __init__(self, *, block_size: int, mask_id: int, head_VH: torch.Tensor, mode: str = "dflash",
-                 gamma: float | None = None, num_anchors: int = 512, prefix_weight_base: float = 0.9,
-                 loss_chunk_rows: int = 2048, seed: int = 0, draft_ids: torch.Tensor | None = None,
-                 backend: str = "dense"):
-        if mode not in ("dflash", "vp"):
-            raise ValueError(f"objective.mode={mode!r}; choose dflash or vp")
-        self.block, self.mask_id, self.mode, self.seed = block_size, mask_id, mode, seed
-        self.gamma = resolve_gamma(gamma, block_size)
-        self.num_anchors, self.base, self.chunk_rows, self.backend = (num_anchors, prefix_weight_base,
-                                                                      loss_chunk_rows, backend)
+    def __init__(self, cfg: ObjectiveConfig, *, block_size: int, mask_id: int, head_VH: torch.Tensor, seed: int = 0,
+                 draft_ids: torch.Tensor | None = None, backend: str = "dense"):
+        check_choice("objective.mode", cfg.mode, MODES)
+        self.block, self.mask_id, self.mode, self.seed = block_size, mask_id, cfg.mode, seed
+        self.gamma = resolve_gamma(cfg.gamma, block_size)
+        self.num_anchors, self.base, self.chunk_rows, self.backend = (cfg.num_anchors, cfg.prefix_weight_base,
+                                                                      cfg.loss_chunk_rows, backend)
         self.head_VH, self.t2d = head_VH, None
         if draft_ids is not None:
             # The head is frozen, so the draft-vocabulary rows are gathered once, not at every step.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from train.attention import build_mask
-from train.objective import make_blocks
+from train.objective import block_inputs
 
 
 def spans(loss_mask_T) -> list[tuple[int, int]]:
@@ -28,7 +28,7 @@ def spans(loss_mask_T) -> list[tuple[int, int]]:
 
 
 @dataclass
-class Drafting:
+class GreedyDrafter:
     """A drafter as the replay runs it: the model, the head rows of its vocabulary, block size and mask id."""
 
     model: torch.nn.Module
@@ -41,7 +41,7 @@ class Drafting:
     logit_rows: int = 512  # rows per vocabulary projection
 
     @classmethod
-    def of(cls, model, head_VH, block: int, mask_id: int, draft_ids=None, backend: str = "dense") -> "Drafting":
+    def of(cls, model, head_VH, block: int, mask_id: int, draft_ids=None, backend: str = "dense") -> "GreedyDrafter":
         """`head_VH` is the target's whole head; a reduced vocabulary takes its `draft_ids` rows."""
         device = next(model.parameters()).device
         dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -53,7 +53,7 @@ class Drafting:
                    backend=backend)
 
     @classmethod
-    def from_checkpoint(cls, ckpt, backend: str = "dense") -> "Drafting":
+    def from_checkpoint(cls, ckpt, backend: str = "dense") -> "GreedyDrafter":
         """A `train.checkpoint.DrafterCheckpoint` loaded with the target's head."""
         if ckpt.model.lm_head_VH is None:
             raise ValueError(f"{ckpt.path}: loaded without the target head; pass lm_head_VH to load_drafter")
@@ -76,11 +76,9 @@ class Drafting:
         for lo in range(0, anchors_N.shape[0], per):
             anchors = anchors_N[lo:lo + per].to(device)[None]
             prefix = prefix_N[lo:lo + per].to(device)[None]
-            blocks = make_blocks(ids_T[None], pos_T[None], torch.ones_like(ids_T, dtype=torch.bool)[None], length,
-                                 anchors, torch.ones_like(anchors, dtype=torch.bool), prefix, B, self.mask_id,
-                                 gamma=1.0)
+            ids_BQ, pos_BQ, _ = block_inputs(ids_T[None], pos_T[None], length, anchors, prefix, B, self.mask_id)
             mask = build_mask(anchors, length, T, B, self.backend)
-            h = self.model(hidden, pos_T[None], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
+            h = self.model(hidden, pos_T[None], ids_BQ, pos_BQ, mask, self.backend)
             h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1)
             for r in range(0, h_RH.shape[0], self.logit_rows):
                 tok, conf = self.greedy(h_RH[r:r + self.logit_rows])
@@ -138,7 +136,7 @@ def walk(accepted_by_anchor: dict[int, int], sample_spans: list[tuple[int, int]]
     return Cycles(*(np.asarray(c, dtype=t) for c, t in zip(cols, (np.int64, np.int64, np.int64, bool))))
 
 
-def accepted_lengths(dflash: Drafting, sample: dict, vp: Drafting | None = None, k: int = 4):
+def accepted_lengths(dflash: GreedyDrafter, sample: dict, vp: GreedyDrafter | None = None, k: int = 4):
     """a(s) at every anchor of a sample (a `train.data.CacheDataset` item), before any walk.
 
     Returns (spans, anchors [N], {"dflash": a [N]} plus, with a VP drafter, "d2sd": the longest match among the
@@ -167,7 +165,7 @@ def accepted_lengths(dflash: Drafting, sample: dict, vp: Drafting | None = None,
     return sample_spans, anchors, acc
 
 
-def replay_sample(dflash: Drafting, sample: dict, vp: Drafting | None = None, k: int = 4) -> dict[str, Cycles]:
+def replay_sample(dflash: GreedyDrafter, sample: dict, vp: GreedyDrafter | None = None, k: int = 4) -> dict[str, Cycles]:
     """The walks of one sample: {"dflash": Cycles} and, with a VP drafter, {"d2sd": Cycles} (D2SD verifies all
     its branches in one target pass, so each of its cycles counts once)."""
     sample_spans, anchors, acc = accepted_lengths(dflash, sample, vp, k)
@@ -177,7 +175,16 @@ def replay_sample(dflash: Drafting, sample: dict, vp: Drafting | None = None, k:
 GROUPS = ("all", "images", "text_only", "last_turn", "history")
 
 
-def summarise(records: list[dict], block: int, method: str = "dflash") -> dict[str, dict]:
+def acceptance(accepted: np.ndarray, committed: int, block: int) -> dict:
+    """The figures of a set of verification cycles: tau = committed tokens / cycles, P(slot k accepted | cycle)
+    for k = 1..B-1 and the histogram of accepted drafts per cycle over 0..B-1. Offline and online alike."""
+    a = np.asarray(accepted, dtype=np.int64)
+    return {"cycles": int(a.size), "committed": int(committed), "tau": committed / a.size if a.size else None,
+            "accept_per_slot": [float((a >= s).mean()) if a.size else None for s in range(1, block)],
+            "accepted_hist": np.bincount(a, minlength=block).tolist()}
+
+
+def replay_figures(records: list[dict], block: int, method: str = "dflash") -> dict[str, dict]:
     """Figures per group from records {"images": bool, method: Cycles}: tau pooled over cycles and averaged
     per sample, P(slot k accepted | cycle) for k = 1..B-1, and the histogram of a(s) over 0..B-1."""
     out = {}
@@ -194,14 +201,8 @@ def summarise(records: list[dict], block: int, method: str = "dflash") -> dict[s
                 com.append(c.committed[keep])
                 per_sample.append(com[-1].sum() / keep.sum())
         a = np.concatenate(acc) if acc else np.zeros(0, dtype=np.int64)
-        committed = int(sum(x.sum() for x in com))
-        out[group] = {
-            "samples": len(per_sample), "cycles": int(a.size), "committed": committed,
-            "tau": committed / a.size if a.size else None,
-            "tau_per_sample": float(np.mean(per_sample)) if per_sample else None,
-            "accept_per_slot": [float((a >= s).mean()) if a.size else None for s in range(1, block)],
-            "accepted_hist": np.bincount(a, minlength=block).tolist(),
-        }
+        out[group] = {"samples": len(per_sample), **acceptance(a, int(sum(x.sum() for x in com)), block),
+                      "tau_per_sample": float(np.mean(per_sample)) if per_sample else None}
     return out
 
 
@@ -214,7 +215,7 @@ def sample_meta(reader, sample_id: int) -> tuple[str, bool]:
     return meta["key"], int(meta["num_image_tokens"]) > 0
 
 
-def replay_records(dataset, indices, dflash: Drafting, vp: Drafting | None = None, k: int = 4,
+def replay_records(dataset, indices, dflash: GreedyDrafter, vp: GreedyDrafter | None = None, k: int = 4,
                    progress: bool = False) -> list[dict]:
     """Per sample of `dataset` (a `train.data.CacheDataset`) at `indices`: sample_id, key, images and the walks."""
     from tqdm import tqdm
@@ -230,6 +231,6 @@ def replay_records(dataset, indices, dflash: Drafting, vp: Drafting | None = Non
 
 def replay_tau(model, head_VH, dataset, indices, block: int, mask_id: int, draft_ids=None,
                backend: str = "dense") -> dict[str, dict]:
-    """DFlash replay figures per group (see `summarise`) of `dataset`'s samples at `indices`."""
-    drafting = Drafting.of(model, head_VH, block, mask_id, draft_ids, backend)
-    return summarise(replay_records(dataset, indices, drafting), block)
+    """DFlash replay figures per group (see `replay_figures`) of `dataset`'s samples at `indices`."""
+    drafting = GreedyDrafter.of(model, head_VH, block, mask_id, draft_ids, backend)
+    return replay_figures(replay_records(dataset, indices, drafting), block)

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from cache_schema.codecs import CODECS
 from extract.target import SUPPRESSED_TOKENS, Target
 from train.model import ContextCache
-from train.replay import Drafting, branch_points
+from train.replay import GreedyDrafter, branch_points
 
 # Families whose every layer keeps a key/value cache that can be cut back after a rejection. Qwen3.5's linear
 # attention layers keep a recurrent state that cannot be rewound, so they are refused instead of re-prefilled.
@@ -57,13 +57,13 @@ class Decoded:
 
 
 @dataclass
-class Speculator:
+class SpeculativeDecoder:
     target: Target
-    dflash: Drafting
+    dflash: GreedyDrafter
     layer_ids: list[int]
     position_source: str  # sequential | mrope_axis0
     hidden_dtype: str  # the cache's storage: bf16 | fp8_e4m3
-    vp: Drafting | None = None
+    vp: GreedyDrafter | None = None
     k: int = 4
 
     def __post_init__(self):
@@ -113,7 +113,7 @@ class Speculator:
         prompt = axis0_P[t.clamp_max(axis0_P.numel() - 1)]
         return torch.where(t < axis0_P.numel(), prompt, t + delta)[None].to(self.device)
 
-    def _draft(self, drafting: Drafting, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor):
+    def _draft(self, drafting: GreedyDrafter, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor):
         """Greedy target ids [R, B-1] of slots 1..B-1 and their softmax confidences."""
         h = drafting.model.draft(cache, ids_RB.to(self.device), pos_B.expand(ids_RB.shape[0], -1))
         tokens, conf = drafting.greedy(h[:, 1:])  # the replay's own rule, so online and offline agree

@@ -1,0 +1,123 @@
+"""The layouts a drafter is exported to, one record each: what its config.json holds, which files go beside the
+weights, what it can carry, and how to read it back. A new serving format is one more record in FORMATS.
+
+speculators  vLLM's format (`vllm serve DIR` detects it): config.json with `speculators_model_type: dflash`, a
+             Qwen3 `transformer_layer_config`, `aux_hidden_state_layer_ids` = target_layer_ids + 1;
+             model.safetensors with the drafter's weights, plus `lm_head`, `d2t`, `t2d` for a reduced vocabulary.
+dflash       the original DFlash layout (SGLang, the z-lab code): a Qwen3 config.json with `dflash_config`
+             {mask_token_id, target_layer_ids}, `block_size`, `num_target_layers`, `auto_map` to the
+             modeling_dflash.py written beside it (train/hf_dflash.py); the drafter's weights only.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_schema import Manifest
+from train.config import DrafterConfig
+
+MODELING_FILE = "modeling_dflash.py"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    # (drafter, cache manifest, draft vocabulary size, dtype, provenance) -> config.json
+    config: Callable[[DrafterConfig, Manifest, int, str, dict], dict]
+    carries_head: bool  # holds its own (reduced) lm_head; otherwise loaders project with the target's full head
+    # Its engines feed token indices only, so an axis-0 (M-RoPE) drafter is refused rather than warned about.
+    token_index_positions_only: bool
+    extra_files: dict[str, Path]  # written beside the weights: name -> source file
+    is_it: Callable[[dict], bool]  # whether a config.json is of this format
+    # config.json -> (Qwen3 layer fields, target_layer_ids, mask id)
+    read: Callable[[dict], tuple[dict, list[int], int]]
+
+
+def qwen3_fields(d: DrafterConfig, dtype: str) -> dict:
+    """A Qwen3 text config for the drafter's layers: plain 1-D RoPE stated explicitly, every layer full attention and
+    nothing causal (vLLM reads `is_causal` and `layer_types`; transformers, vLLM and our setups default rope_theta
+    differently, so it is always written, in both the old and the new key)."""
+    n = d.num_layers
+    return {
+        "model_type": "qwen3", "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
+        "intermediate_size": d.intermediate_size, "num_hidden_layers": n,
+        "num_attention_heads": d.num_attention_heads, "num_key_value_heads": d.num_key_value_heads,
+        "head_dim": d.head_dim, "hidden_act": "silu", "rms_norm_eps": d.rms_norm_eps,
+        "max_position_embeddings": d.max_position_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_theta": d.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": d.rope_theta},
+        "rope_scaling": None, "layer_types": ["full_attention"] * n, "use_sliding_window": False,
+        "sliding_window": None, "max_window_layers": n, "is_causal": False, "tie_word_embeddings": False,
+        "dtype": dtype, "torch_dtype": dtype,
+    }
+
+
+def verifier_architectures(model_type: str) -> list[str]:
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    arch = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if arch is None:
+        raise ValueError(f"target model_type {model_type!r} has no transformers architecture to name as verifier")
+    return [arch]
+
+
+def speculators_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: int, dtype: str, meta: dict) -> dict:
+    target = manifest.target
+    return {
+        "architectures": ["DFlashSpeculator"],
+        "speculators_model_type": "dflash",
+        "speculators_config": {
+            "algorithm": "dflash",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": d.block_size - 1,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": target.name_or_path,
+                         "architectures": verifier_architectures(target.model_type)},
+        },
+        "transformer_layer_config": qwen3_fields(d, dtype),
+        "aux_hidden_state_layer_ids": [i + 1 for i in d.target_layer_ids],  # vLLM counts the embedding output as 0
+        "mask_token_id": d.mask_token_id,
+        "block_size": d.block_size,
+        # Always written: speculators defaults it to 32000, and vLLM builds a reduced head whenever it differs from
+        # the target's vocabulary.
+        "draft_vocab_size": draft_vocab_size,
+        "target_hidden_size": d.hidden_size,
+        # vLLM turns this into dflash_config.causal = not sliding_window_non_causal, for every layer.
+        "sliding_window_non_causal": True,
+        # Slot 0 holds the verified token and predicts nothing (DFlash); DSpark-style drafters sample from it.
+        "sample_from_anchor": False,
+        "dtype": dtype, "torch_dtype": dtype,
+        "dflash_offline": meta,
+    }
+
+
+def dflash_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: int, dtype: str, meta: dict) -> dict:
+    return {
+        "architectures": ["DFlashDraftModel"],
+        "auto_map": {"AutoModel": f"{Path(MODELING_FILE).stem}.DFlashDraftModel"},
+        **qwen3_fields(d, dtype),
+        "block_size": d.block_size,
+        "num_target_layers": manifest.target.num_hidden_layers,
+        "dflash_config": {"mask_token_id": d.mask_token_id, "target_layer_ids": list(d.target_layer_ids)},
+        "dflash_offline": meta,
+    }
+
+
+def _speculators_fields(config: dict) -> tuple[dict, list[int], int]:
+    return (config["transformer_layer_config"], [i - 1 for i in config["aux_hidden_state_layer_ids"]],
+            config["mask_token_id"])
+
+
+def _dflash_fields(config: dict) -> tuple[dict, list[int], int]:
+    return config, config["dflash_config"]["target_layer_ids"], config["dflash_config"]["mask_token_id"]
+
+
+FORMATS = {f.name: f for f in (
+    ExportFormat("speculators", speculators_config, carries_head=True, token_index_positions_only=False,
+                 extra_files={}, is_it=lambda c: c.get("speculators_model_type") == "dflash",
+                 read=_speculators_fields),
+    ExportFormat("dflash", dflash_config, carries_head=False, token_index_positions_only=True,
+                 extra_files={MODELING_FILE: Path(__file__).with_name("hf_dflash.py")},
+                 is_it=lambda c: "dflash_config" in c, read=_dflash_fields),
+)}
