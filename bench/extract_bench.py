@@ -36,9 +36,9 @@ from extract.run import length_sorted_batches, make_manifest  # noqa: E402
 from extract.config import ExtractConfig, TargetConfig  # noqa: E402
 from extract.target import Target, load_target  # noqa: E402
 from cache_schema import CacheWriter  # noqa: E402
-from tools import scenes  # noqa: E402
-from tools.demo_shards import write_shards  # noqa: E402
-from tools.tiny_targets import build_config, build_processor, build_target, build_tokenizer  # noqa: E402
+from tools.demo import scenes  # noqa: E402
+from tools.fixtures.demo_shards import write_shards  # noqa: E402
+from tools.fixtures.tiny_targets import build_config, build_processor, build_target, build_tokenizer  # noqa: E402
 
 # Real Qwen3-VL-8B-Instruct dimensions (text and vision towers); weights are random.
 QWEN3VL8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,

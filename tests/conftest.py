@@ -68,7 +68,7 @@ def global_state_guard(request):
 @pytest.fixture(scope="session")
 def tiny_targets(tmp_path_factory) -> Path:
     """All five tiny target families, built once per test session."""
-    from tools.tiny_targets import FAMILIES, build_target
+    from tools.fixtures.tiny_targets import FAMILIES, build_target
 
     out = tmp_path_factory.mktemp("targets")
     for family in FAMILIES:
@@ -78,7 +78,7 @@ def tiny_targets(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> list[Path]:
-    from tools.demo_shards import write_shards
+    from tools.fixtures.demo_shards import write_shards
 
     return write_shards(tmp_path_factory.mktemp("shards"), shards=2, samples=8)
 

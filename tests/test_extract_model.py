@@ -11,7 +11,7 @@ from extract.formats import parse_sample
 from extract.prompts import TurnPrompt
 from extract.target import SUPPRESSED_TOKENS, check_layer_ids, default_layer_ids, load_target
 from helpers import prompts_of, sequences
-from tools.tiny_targets import FAMILIES
+from tools.fixtures.tiny_targets import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_regeneration_equals_generate_with_and_without_batching(family, tiny_tar
         ref = out[0, inputs["input_ids"].shape[1]:].tolist()
         assert b.answers[0] == ref[:len(b.answers[0])] and len(b.answers[0]) == len(ref), conv.key
         stopped += b.answers[0][-1] in target.eos_ids
-    if family == "qwen3_vl":  # its end-of-turn row is tuned so that turns end by themselves (tools/tiny_targets)
+    if family == "qwen3_vl":  # its end-of-turn row is tuned so that turns end by themselves (tools/fixtures/tiny_targets)
         assert 0 < stopped
 
 

@@ -24,7 +24,7 @@ from extract.formats import Conversation
 from extract.run import length_sorted_batches, run, text_length
 from extract.target import check_layer_ids, default_layer_ids
 from helpers import extract_config as config
-from tools.demo_shards import write_shards
+from tools.fixtures.demo_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from cache_schema import CacheReader
 from extract.run import run as extract
 from helpers import ROOT, extract_config, tiny
-from tools import scenes
-from tools.demo import COMMITTED_TARGET
+from tools.demo import scenes
+from tools.demo.pipeline import COMMITTED_TARGET
 from tools.spec_decode import run as spec_decode
 from train.checkpoint import resolve_checkpoint
 from train.evaluate import evaluate_checkpoint

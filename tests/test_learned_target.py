@@ -10,8 +10,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from extract.formats import parse_sample
 from extract.sources import tar_records
-from tools import learned_target as lt
-from tools import scenes
+from tools.demo import learned_target as lt
+from tools.demo import scenes
 
 
 def test_same_seed_gives_the_same_samples_and_shard_bytes(tmp_path):

@@ -1,4 +1,4 @@
-"""Loss masks under each real Qwen chat-template family (tools/tiny_targets.py writes one per family): the
+"""Loss masks under each real Qwen chat-template family (tools/fixtures/tiny_targets.py writes one per family): the
 supervised tokens are exactly what the model writes after the generation prompt, plus its end-of-turn token."""
 
 import dataclasses
@@ -13,7 +13,7 @@ from extract.regenerate import Sequence
 from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
 from extract.target import load_target
 from helpers import prompts_of, sequences
-from tools.tiny_targets import FAMILY_TEMPLATE, build_target
+from tools.fixtures.tiny_targets import FAMILY_TEMPLATE, build_target
 
 # (family of the tiny model, chat template variant, enable_thinking). The qwen3_vl model ends its turns by
 # itself, so it carries the thinking templates too, to give regenerated history turns under each of them;

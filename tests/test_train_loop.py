@@ -32,7 +32,7 @@ def cache(tmp_path_factory, tiny_targets, demo_shards):
     tmp = tmp_path_factory.mktemp("train_cache")
     target = tmp / "qwen3_vl"
     shutil.copytree(tiny_targets / "qwen3_vl", target)
-    from tools.demo_shards import write_shards
+    from tools.fixtures.demo_shards import write_shards
 
     shards = list(demo_shards) + write_shards(tmp / "more", shards=1, samples=8, seed=9)
     extract(ExtractConfig(out=str(tmp / "cache"), target=TargetConfig(path=str(target), dtype="float32", device="cpu",

@@ -1,12 +1,12 @@
-"""A tiny Qwen3-VL that has learned something: trained on the CPU on the scene task of `tools/scenes.py`.
+"""A tiny Qwen3-VL that has learned something: trained on the CPU on the scene task of `tools/demo/scenes.py`.
 
 Random-weight targets give degenerate greedy answers; this one answers held-out image prompts with the right
 content, so a drafter trained on its regenerated answers can show real acceptance. The model and processor
-come from `tools/tiny_targets.py` (the real transformers classes, deepstack included); training is plain
+come from `tools/fixtures/tiny_targets.py` (the real transformers classes, deepstack included); training is plain
 PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by the processor's own outputs for
 the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
 
-    python -m tools.learned_target OUT [--steps 6000]
+    python -m tools.demo.learned_target OUT [--steps 6000]
 
 writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
 OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText
 
 from extract.formats import parse_sample
-from tools import scenes
-from tools.corpus import training_text
-from tools.tiny_targets import build_config, build_processor, build_tokenizer
+from tools.demo import scenes
+from tools.fixtures import corpus, tiny_targets
+from tools.fixtures.corpus import training_text
+from tools.fixtures.tiny_targets import build_config, build_processor, build_tokenizer
 
 FAMILY = "qwen3_vl"
 HEADER = "<|im_start|>assistant\n"
@@ -64,10 +66,9 @@ class Settings:
 
     def key(self) -> str:
         """Hash of the settings, the generator's source and the library versions: the build's cache key."""
-        here = Path(__file__).parent
         blob = json.dumps(asdict(self), sort_keys=True) + transformers.__version__ + torch.__version__
-        for name in ("scenes.py", "learned_target.py", "tiny_targets.py", "corpus.py"):
-            blob += (here / name).read_text()
+        for module in (scenes, sys.modules[__name__], tiny_targets, corpus):
+            blob += Path(module.__file__).read_text()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from cache_schema import CacheReader
-from tools import learned_target, scenes
+from tools.demo import learned_target, scenes
 
-# Built by `python -m tools.learned_target` (6000 steps, ~14 minutes on one thread) and committed, 3.1 MB, so that
+# Built by `python -m tools.demo.learned_target` (6000 steps, ~14 minutes on one thread) and committed, 3.1 MB, so that
 # the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
 COMMITTED_TARGET = Path(__file__).parent / "assets" / "learned_target"
 # Sizes that keep the whole demo within about 15 minutes on 2 CPU cores (see BENCHMARKS.md).
@@ -55,11 +55,12 @@ def run_steps(jobs: list[tuple[str, list]], env: dict, logs: Path, timings: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("work/demo"))
     parser.add_argument("--steps", type=int, default=DRAFTER_STEPS, help="drafter training steps")
     parser.add_argument("--target-dir", type=Path, default=COMMITTED_TARGET,
-                        help="a learned target built by tools.learned_target (default: the committed one)")
+                        help="a learned target built by tools.demo.learned_target (default: the committed one)")
     parser.add_argument("--rebuild-target", action="store_true",
                         help="build the learned target from its generator instead (about 14 CPU-minutes, once)")
     args = parser.parse_args()
@@ -79,7 +80,7 @@ def main() -> None:
         target_dir = args.target_dir
         if not (target_dir / "model").is_dir() or not (target_dir / "accuracy.json").is_file():
             raise SystemExit(f"--target-dir {target_dir} does not hold a learned target (model/ and accuracy.json, as "
-                             "`python -m tools.learned_target OUT` writes them)")
+                             "`python -m tools.demo.learned_target OUT` writes them)")
     print(f"demo in {work} (every stage's log under {work / 'logs'}); learned target {target_dir}", flush=True)
     timings["learned target"] = time.perf_counter() - t0
     model = target_dir / "model"
@@ -159,7 +160,3 @@ def main() -> None:
     print("\n=== demo results\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     (work / "results.json").write_text(json.dumps(dict(rows), indent=1))
     print(f"\nwork in {work}: caches, runs/*/curves.png, eval/*/eval.png, spec_decode/, export/, results.json")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from tools.demo.pipeline import main
+
+main()
