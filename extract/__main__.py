@@ -5,6 +5,7 @@ import logging
 import hydra
 from omegaconf import OmegaConf
 
+from cache_schema import CacheError
 from extract.config import ExtractConfig  # noqa: F401  (registers the schema)
 from extract.run import run
 
@@ -12,7 +13,10 @@ from extract.run import run
 @hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
 def main(cfg) -> None:
     logging.getLogger("extract").setLevel(logging.INFO)
-    run(OmegaConf.to_object(cfg))
+    try:
+        run(OmegaConf.to_object(cfg))
+    except (ValueError, CacheError) as e:  # a user mistake or a bad cache: one line, not a traceback
+        raise SystemExit(f"extract: {e}") from None
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> Sample:
     ids = inputs["input_ids"][0]
     image_ids = [v for k, v in target.special_tokens.items() if k in ("image_token_id", "video_token_id")]
     n_image = int(sum((ids == v).sum() for v in image_ids)) if image_ids else 0
-    meta = {"source": seq.conv.source, "num_images": len(seq.conv.images), "num_image_tokens": n_image,
-            "assistant_turns": len(seq.conv.assistant_turns), "truncated_turns": seq.truncated_turns,
+    # Every count describes the cached sequence; dropped_turns says what of the conversation it left out.
+    meta = {"source": seq.conv.source, "num_images": seq.images, "num_image_tokens": n_image,
+            "assistant_turns": seq.turns, "truncated_turns": seq.truncated_turns,
             "dropped_turns": seq.dropped_turns, "generated_tokens": seq.generated_tokens}
     return Sample(key=seq.conv.key, input_ids=ids.cpu().numpy().astype(np.int32),
                   loss_mask=loss_mask(ids.shape[0], seq.spans),

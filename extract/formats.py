@@ -10,16 +10,38 @@ import io
 import json
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# An image whose header declares more pixels is skipped before it is decoded: decoding is what costs the memory,
+# and the processors shrink anything above ~16.8M pixels (Qwen3-VL's longest_edge) anyway.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class SkipSample(Exception):
+    """Why one conversation is left out: raised where it is found, counted by `reason` by the caller's on_skip."""
+
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def guarded(reason: str, fn, *args):
+    """`fn(*args)`, any failure of it (but a SkipSample, which keeps its own reason) becoming SkipSample(reason):
+    what one conversation's data makes the parser, the template, the tokenizer or the processor do must never end
+    a run, and every rerun would die at the same sample."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - deliberately any: the data decides what is raised
+        raise as_skip(reason, e) from e
+
+
+def as_skip(reason: str, error: Exception) -> SkipSample:
+    """`error` as a SkipSample: itself if it is one, else SkipSample(reason) naming it."""
+    if isinstance(error, SkipSample):
+        return error
+    return SkipSample(reason, f"{type(error).__name__}: {str(error)[:300]}")
 
 
 @dataclass
@@ -35,22 +57,34 @@ class Conversation:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited on white rather than dropped to black."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.split()[-1])
+    """Any PIL mode to RGB as the serving engines load it: the EXIF orientation applied (transformers'
+    load_image), RGBA composited on white (vLLM's loader), every other mode by PIL's own convert, as both do
+    (16-bit and float modes clip, LA and palette transparency are dropped): the target must see in training
+    what it is shown when served."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "RGBA":
+        canvas = Image.new("RGB", img.size, (255, 255, 255))
+        canvas.paste(img, mask=img.split()[-1])
         return canvas
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode one image member; its declared size is checked from the header first."""
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
+    except Image.DecompressionBombError as e:
+        raise SkipSample("image_too_large", f"{name}: {e}") from e
     except Exception as e:  # PIL raises many types for truncated or garbage bytes
         raise SkipSample("corrupt_image", f"{name}: {e}") from e
-    return to_rgb(img)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise SkipSample("image_too_large", f"{name}: {width}x{height} pixels > {max_pixels}")
+    try:
+        img.load()
+        return to_rgb(img)
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{name}: {type(e).__name__}: {e}") from e
 
 
 def _split_placeholders(text: str) -> list[dict]:
@@ -78,15 +112,22 @@ def _with_token_ids(message: dict, raw: dict) -> dict:
     return {**message, "token_ids": ids}
 
 
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise SkipSample("unknown_format", f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
 def _llava(turns: list) -> list[dict]:
     messages = []
     for turn in turns:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SkipSample("unknown_format", "conversations entries need 'from' and 'value'")
-        role = ROLES.get(str(turn["from"]).lower())
+        role = ROLES.get(_text(turn["from"], "'from'").lower())
         if role is None:
             raise SkipSample("unknown_format", f"unknown speaker {turn['from']!r}")
-        messages.append(_with_token_ids({"role": role, "content": _split_placeholders(str(turn["value"]))}, turn))
+        content = _split_placeholders(_text(turn["value"], "'value'"))
+        messages.append(_with_token_ids({"role": role, "content": content}, turn))
     return messages
 
 
@@ -105,7 +146,7 @@ def _chat(items: list) -> list[dict]:
                 if kind in ("image", "image_url"):
                     parts.append({"type": "image"})
                 elif kind == "text":
-                    parts.append({"type": "text", "text": str(p.get("text", ""))})
+                    parts.append({"type": "text", "text": _text(p.get("text"), "a text part's 'text'")})
                 else:
                     raise SkipSample("unknown_format", f"content part of type {kind!r}")
         else:
@@ -119,6 +160,8 @@ def image_names(record: dict, meta: dict) -> list[str]:
     listed = meta.get("images", meta.get("image"))
     if isinstance(listed, str):
         listed = [listed]
+    if listed is not None and not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+        raise SkipSample("unknown_format", "'images' must be a member name or a list of member names")
     if listed:
         return [n if n in record else n.rsplit("/", 1)[-1] for n in listed]
     return sorted(k for k in record if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
@@ -132,8 +175,8 @@ def parse_sample(record: dict, source: str, fmt: str = "auto") -> Conversation:
         raise SkipSample("invalid_json", "no .json member")
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SkipSample("invalid_json", str(e)) from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # nested past the recursion limit
+        raise SkipSample("invalid_json", f"{type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(meta, dict):
         raise SkipSample("unknown_format", "top-level json is not an object")
     if fmt in ("auto", "llava") and isinstance(meta.get("conversations"), list):

@@ -13,6 +13,9 @@ from extract.formats import Conversation, SkipSample
 from extract.spans import HEADER
 from extract.target import Target
 
+# Far above any real token's length (Qwen's longest merges are runs of a few dozen spaces or symbols).
+MAX_CHARS_PER_TOKEN = 256
+
 
 @dataclass
 class GenerationSettings:
@@ -99,11 +102,21 @@ class Prompts:
                 m = {"role": "assistant", "content": [{"type": "text", "text": self.answer_text(answers[a])}]}
                 a += 1
             messages.append(m)
-        return TurnPrompt(self.render(messages, True), images_in(messages, conv))
+        text = self.render(messages, True)
+        self.check_chars(text)
+        return TurnPrompt(text, images_in(messages, conv))
 
     def encode(self, prompts: list[TurnPrompt]) -> dict:
         """Processor inputs of `prompts` with left padding (vision targets: images preprocessed)."""
         return encode(self.target, [p.text for p in prompts], [p.images for p in prompts])
+
+    def check_chars(self, text: str) -> None:
+        """Refuse a text that cannot fit max_length tokens before tokenising it: a token spans at most
+        MAX_CHARS_PER_TOKEN characters, and tokenising a huge string is what costs the time and memory."""
+        limit = self.settings.max_length * MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise SkipSample("too_long", f"{len(text)} characters cannot fit max_length "
+                             f"{self.settings.max_length} tokens")
 
     def check_length(self, tokens: int, what: str = "prompt") -> None:
         if tokens > self.settings.max_length:

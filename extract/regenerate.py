@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from extract.formats import Conversation, SkipSample
+from extract.formats import Conversation, SkipSample, as_skip, guarded
 from extract.prompts import Prompts, TurnPrompt, encode, images_in
 from extract.spans import END, answer_char_spans, answer_token_spans
 from extract.target import SUPPRESSED_TOKENS, Target
@@ -25,6 +25,8 @@ class Sequence:
     conv: Conversation
     inputs: dict  # processor outputs for the whole sequence, batch of 1
     spans: list[tuple[int, int]]  # [start, end) of each supervised assistant span
+    images: int  # images in the sequence (a conversation cut after a truncated turn holds fewer than it has)
+    turns: int  # assistant turns in the sequence
     truncated_turns: int = 0  # 1 when the last turn was cut at max_new_tokens
     dropped_turns: int = 0  # assistant turns after a cut one, not in the sequence
     generated_tokens: int = 0
@@ -66,26 +68,65 @@ class Dialog:
 
 
 def regenerate_turns(prompts: Prompts, dialogs: list[Dialog]) -> None:
-    """Generate the next turn of every open dialog, batched, until none is open; a dialog whose prompt is too
-    long keeps the SkipSample on `skip`."""
-    max_new_tokens = prompts.settings.max_new_tokens
+    """Generate the next turn of every open dialog, batched, until none is open. A dialog whose prompt cannot be
+    rendered, processed or generated from, or is too long, keeps its SkipSample on `skip`; the batch goes on
+    without it."""
     while active := [d for d in dialogs if d.open]:
         for d in active:
-            d.prompt = prompts.turn(d.conv, len(d.answers), d.answers)
-        batch = prompts.encode([d.prompt for d in active])
-        for d, n in zip(active, batch["attention_mask"].sum(-1).tolist()):
-            try:
-                prompts.check_length(n)
-            except SkipSample as skip:
-                d.skip = skip
-        if any(d.skip for d in active):  # re-pad the batch without the skipped prompts
-            active = [d for d in active if d.skip is None]
-            if not active:
-                continue
-            batch = prompts.encode([d.prompt for d in active])
-        for d, ids, cut in zip(active, *generate(prompts.target, batch, max_new_tokens)):
+            d.prompt = _guard(d, "unrenderable", prompts.turn, d.conv, len(d.answers), d.answers)
+        active, batch = _encoded(prompts, _alive(active))
+        for d, n in zip(active, batch["attention_mask"].sum(-1).tolist() if batch else []):
+            _guard(d, "too_long", prompts.check_length, n)
+        if len(_alive(active)) < len(active):  # re-pad the batch without the skipped prompts
+            active, batch = _encoded(prompts, _alive(active))
+        if not active:
+            continue
+
+        def step(ds, batch=batch):
+            encoded = batch if len(ds) == len(active) else prompts.encode([d.prompt for d in ds])
+            return list(zip(*generate(prompts.target, encoded, prompts.settings.max_new_tokens)))
+
+        answers = _batched(active, step, "generation_failed")
+        for d, (ids, cut) in zip(_alive(active), answers or []):
             d.answers.append(ids)
             d.truncated = cut
+
+
+def _alive(dialogs: list[Dialog]) -> list[Dialog]:
+    return [d for d in dialogs if d.skip is None]
+
+
+def _encoded(prompts: Prompts, dialogs: list[Dialog]) -> tuple[list[Dialog], dict | None]:
+    """The dialogs whose prompts the processor takes, and their batch."""
+    batch = _batched(dialogs, lambda ds: prompts.encode([d.prompt for d in ds]), "unprocessable")
+    return _alive(dialogs), batch
+
+
+def _guard(d: Dialog, reason: str, fn, *args):
+    """`fn(*args)` for one dialog; a failure becomes its skip (and None is returned)."""
+    try:
+        return guarded(reason, fn, *args)
+    except SkipSample as skip:
+        d.skip = skip
+        return None
+
+
+def _batched(dialogs: list[Dialog], step, reason: str):
+    """`step(dialogs)` for the whole batch; if it fails, each dialog alone finds the ones that fail (their skip
+    set, by `reason`), and the batch is run again without them. Returns the result for the dialogs left with no
+    skip, or None when none is left."""
+    if not dialogs:
+        return None
+    try:
+        return step(dialogs)
+    except Exception as e:  # noqa: BLE001 - which conversation made the batch fail is found below
+        if len(dialogs) == 1:
+            dialogs[0].skip = as_skip(reason, e)
+            return None
+    for d in dialogs:
+        _guard(d, reason, step, [d])
+    left = [d for d in dialogs if d.skip is None]
+    return step(left) if left else None
 
 
 def _assemble(prompts: Prompts, context: str, images: list, answer_ids: list[int],
@@ -107,7 +148,8 @@ def _regenerated(prompts: Prompts, d: Dialog) -> Sequence:
     if d.skip is not None:
         raise d.skip
     inputs, spans = _assemble(prompts, d.prompt.text, d.prompt.images, d.answers[-1], len(d.answers) - 1)
-    return Sequence(conv=d.conv, inputs=inputs, spans=spans, truncated_turns=int(d.truncated),
+    return Sequence(conv=d.conv, inputs=inputs, spans=spans, images=len(d.prompt.images), turns=len(d.answers),
+                    truncated_turns=int(d.truncated),
                     dropped_turns=len(d.conv.assistant_turns) - len(d.answers),
                     generated_tokens=sum(map(len, d.answers)), answers=d.answers)
 
@@ -135,8 +177,10 @@ def _kept(prompts: Prompts, conv: Conversation) -> Sequence:
                              f"({len(target.tokenizer)} tokens)")
         differs, answer_ids = int(own != answer_ids), own
     answer_ids.append(target.special_tokens["im_end_id"])
-    inputs, spans = _assemble(prompts, text[:start], images_in(messages, conv), answer_ids, len(chars) - 1)
-    return Sequence(conv=conv, inputs=inputs, spans=spans, engine_ids=int(given is not None),
+    images = images_in(messages, conv)
+    inputs, spans = _assemble(prompts, text[:start], images, answer_ids, len(chars) - 1)
+    return Sequence(conv=conv, inputs=inputs, spans=spans, images=len(images), turns=len(chars),
+                    engine_ids=int(given is not None),
                     retokenized_differs=differs)
 
 
@@ -152,13 +196,13 @@ def build_sequences(prompts: Prompts, convs: list[Conversation], on_skip) -> lis
     if prompts.settings.regenerate:
         dialogs = [Dialog(c) for c in convs]
         regenerate_turns(prompts, dialogs)
-        jobs = [(d.conv.key, lambda d=d: _regenerated(prompts, d)) for d in dialogs]
+        jobs = [(d.conv.key, _regenerated, d) for d in dialogs]
     else:
-        jobs = [(c.key, lambda c=c: _kept(prompts, c)) for c in convs]
+        jobs = [(c.key, _kept, c) for c in convs]
     out = []
-    for key, job in jobs:
+    for key, job, item in jobs:
         try:
-            out.append(job())
+            out.append(guarded("unprocessable", job, prompts, item))
         except SkipSample as skip:
             on_skip(key, skip)
     return out

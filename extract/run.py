@@ -21,7 +21,7 @@ from cache_schema import CacheWriter, Manifest, TargetInfo
 from cache_schema.layout import COMMIT_MARKER, SHARDS_DIR
 from extract.capture import capture
 from extract.config import ExtractConfig
-from extract.formats import Conversation, SkipSample
+from extract.formats import Conversation, SkipSample, guarded
 from extract.prompts import Prompts
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
@@ -196,17 +196,22 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
         try:
             for batch in length_sorted_batches(conversations(url, cfg.data.format, on_skip),
                                                cfg.generation.batch_size, cfg.generation.sort_window):
-                results = build_sequences(prompts, batch, on_skip)
-                for result in results:
+                kept = 0
+                for result in build_sequences(prompts, batch, on_skip):
+                    try:
+                        sample = guarded("capture_failed", capture, target, result, layer_ids)
+                    except SkipSample as skip:
+                        on_skip(result.conv.key, skip)
+                        continue
                     turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns,
                                  engine_token_ids=result.engine_ids,
                                  retokenization_mismatch=result.retokenized_differs)
-                    sample = capture(target, result, layer_ids)
                     shard.add(sample)
+                    kept += 1
                     totals["captured_tokens"] += len(sample)
                     totals["generated_tokens"] += result.generated_tokens
                 elapsed = time.perf_counter() - start
-                read = len(results) + sum(skips.values()) - skipped_before
+                read = kept + sum(skips.values()) - skipped_before
                 skipped_before = sum(skips.values())
                 bar.update(read, gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
                            cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=skipped_before)

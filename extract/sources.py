@@ -13,9 +13,13 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
-from extract.formats import Conversation, SkipSample, parse_sample
+from extract.formats import IMAGE_EXTS, Conversation, SkipSample, guarded, parse_sample
 
 log = logging.getLogger(__name__)
+# A member (json or image) above this is a counted skip, never read: what a compressed tar declares is not what
+# we hold in memory.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_KEY_CHARS = 512
 
 
 class IncompleteShard(Exception):
@@ -110,16 +114,24 @@ def _open(url: str):
         raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
 
 
-def _members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
-    """(key, suffix, bytes) of each regular member, as webdataset splits names; raises IncompleteShard unless
-    the archive reads to its end-of-archive marker."""
+def used(suffix: str) -> bool:
+    """Whether a member is one the parser reads: the sample's json or an image."""
+    return suffix == "json" or suffix.rsplit(".", 1)[-1] in IMAGE_EXTS
+
+
+def _members(url: str, stream) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, suffix, bytes) of each regular member the parser uses, as webdataset splits names (bytes None for a
+    member over MAX_MEMBER_BYTES, which is never read); raises IncompleteShard unless the archive reads to its
+    end-of-archive marker. Members of other suffixes are passed over unread, however large they inflate."""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
         tar.reached_end_marker = False
         for info in tar:
             key, suffix = base_plus_ext(info.name)
-            if info.isreg() and key is not None and not os.path.basename(info.name).startswith("__"):
-                yield key, suffix.lower(), tar.extractfile(info).read()
+            suffix = suffix.lower() if suffix else suffix
+            if (info.isreg() and key is not None and not os.path.basename(info.name).startswith("__")
+                    and used(suffix)):
+                yield key, suffix, None if info.size > MAX_MEMBER_BYTES else tar.extractfile(info).read()
             tar.members = []  # a streamed tar would otherwise keep every member's header
     except (OSError, EOFError, tarfile.TarError) as e:
         raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
@@ -138,17 +150,20 @@ def tar_records(url: str, on_skip) -> Iterator[dict]:
     stream = _open(url)
     finished = False
     try:
-        record, repeated = None, False
+        record, problem = None, None
         for key, suffix, data in _members(url, stream):
             if record is not None and record["__key__"] != key:
-                yield from _checked(record, repeated, on_skip)
+                yield from _checked(record, problem, on_skip)
                 record = None
             if record is None:
-                record, repeated = {"__key__": key, "__url__": url}, False
-            repeated = repeated or suffix in record
+                record, problem = {"__key__": key, "__url__": url}, bad_key(key)
+            if problem is None and suffix in record:
+                problem = SkipSample("duplicate_member", "a member name occurs twice in the tar")
+            if problem is None and data is None:
+                problem = SkipSample("member_too_large", f"{key}.{suffix} is over {MAX_MEMBER_BYTES} bytes")
             record[suffix] = data
         if record is not None:
-            yield from _checked(record, repeated, on_skip)
+            yield from _checked(record, problem, on_skip)
         finished = True
     finally:
         try:
@@ -158,17 +173,26 @@ def tar_records(url: str, on_skip) -> Iterator[dict]:
                 raise IncompleteShard(url, "unreadable", f"{type(e).__name__}: {e}") from e
 
 
-def _checked(record: dict, repeated: bool, on_skip) -> Iterator[dict]:
-    if repeated:
-        on_skip(record["__key__"], SkipSample("duplicate_member", "a member name occurs twice in the tar"))
-    else:
+def bad_key(key: str) -> SkipSample | None:
+    """A sample key must be printable text that names no place outside its shard: it is logged, stored in the
+    cache and may become a file name downstream."""
+    if (len(key) > MAX_KEY_CHARS or not key.isprintable() or any(0xD800 <= ord(c) < 0xE000 for c in key)
+            or key.startswith("/") or ".." in key.split("/")):
+        return SkipSample("bad_key", f"{key[:80]!r} is not a plain printable key")
+    return None
+
+
+def _checked(record: dict, problem: SkipSample | None, on_skip) -> Iterator[dict]:
+    if problem is None:
         yield record
+    else:
+        on_skip(record["__key__"][:80], problem)
 
 
 def conversations(url: str, fmt: str, on_skip) -> Iterator[Conversation]:
     """Parse every record of one input shard; a bad sample's SkipSample goes to `on_skip(key, skip)`."""
     for record in tar_records(url, on_skip):
         try:
-            yield parse_sample(record, source=url, fmt=fmt)
+            yield guarded("unreadable_sample", parse_sample, record, url, fmt)
         except SkipSample as skip:
             on_skip(record["__key__"], skip)

@@ -185,7 +185,13 @@ def test_history_turn_led_by_a_newline_keeps_its_supervision(targets, reasoning_
 
 def test_a_turn_cut_at_max_new_tokens_ends_the_sequence_with_the_models_own_ids(targets, convs):
     target = targets("qwen3_vl", "qwen3_vl")
-    seqs = sequences(target, convs, max_new_tokens=3)
+    # One conversation whose second question shows an image of its own: cut after the first turn, it must go.
+    base = next(c for c in convs if len(c.assistant_turns) == 3 and c.images)
+    later = [dict(m) for m in base.messages]
+    second_user = later[base.assistant_turns[0] + 1]
+    second_user["content"] = [{"type": "image"}, *second_user["content"]]
+    extra = dataclasses.replace(base, key="later-image", messages=later, images=[*base.images, base.images[0]])
+    seqs = sequences(target, [*convs, extra], max_new_tokens=3)
     multi = [s for s in seqs if len(s.conv.assistant_turns) == 3]
     assert multi
     for seq in seqs:
@@ -195,6 +201,10 @@ def test_a_turn_cut_at_max_new_tokens_ends_the_sequence_with_the_models_own_ids(
         assert seq.truncated_turns == 1 and len(seq.answers) == 1
         assert seq.dropped_turns == len(seq.conv.assistant_turns) - 1
         assert seq.spans == [(len(ids) - 3, len(ids))] and ids[-3:] == last
+        # The counts the cache keeps describe the cut sequence, not the whole conversation.
+        first = seq.conv.messages[:seq.conv.assistant_turns[0]]
+        assert seq.turns == 1 and seq.images == sum(p["type"] == "image" for m in first for p in m["content"])
+    assert any(s.images < len(s.conv.images) for s in multi)  # a later turn's image was cut with it
 
 
 BROKEN = """{%- for m in messages -%}{%- if m.role != 'assistant' -%}

@@ -5,6 +5,7 @@ import logging
 import hydra
 from omegaconf import OmegaConf
 
+from cache_schema import CacheError
 from train.config import TrainConfig  # noqa: F401  (registers the schema)
 from train.loop import train
 
@@ -12,7 +13,10 @@ from train.loop import train
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg) -> None:
     logging.getLogger("train").setLevel(logging.INFO)
-    state = train(OmegaConf.to_object(cfg))
+    try:
+        state = train(OmegaConf.to_object(cfg))
+    except (ValueError, CacheError) as e:  # a user mistake or a bad cache: one line, not a traceback
+        raise SystemExit(f"train: {e}") from None
     print(f"training done at step {state.step}; checkpoints in {cfg.run_dir}/checkpoints", flush=True)
 
 

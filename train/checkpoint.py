@@ -10,6 +10,7 @@
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,7 +67,11 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
     path = Path(path)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     # weights_only: a run directory may come from elsewhere, and unpickling arbitrary objects would run its code.
-    blob = torch.load(path / "optim.pt", weights_only=True)
+    try:
+        blob = torch.load(path / "optim.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}/optim.pt holds more than tensors and plain values; refused to unpickle it "
+                         f"(it could run code): {str(e).splitlines()[0]}") from e
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     return TrainState(**json.loads((path / "state.json").read_text()))

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -81,8 +82,20 @@ def train(cfg: TrainConfig) -> TrainState:
         torch.set_num_threads(threads)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be written before the cache is opened or anything is built."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run_dir={str(run_dir)!r} cannot be written: {e.strerror or e}") from e
+
+
 def _train(cfg: TrainConfig) -> TrainState:
     run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir)
     cuda = torch.cuda.is_available()
     # The frozen embedding and head are identical on every rank: broadcasting them each forward (DDP's
     # default for buffers) would move a vocabulary-sized tensor per step for nothing.
