@@ -20,11 +20,13 @@ damage (zarr would otherwise read it back as zeros). 1.0 caches did not write al
 with the presence check of `loss_mask` left out.
 """
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache_schema.codecs import CODECS, HiddenCodec
 
@@ -36,11 +38,19 @@ TOKENIZER_DIR = "tokenizer"
 SHARDS_DIR = "shards"
 COMMIT_MARKER = "_COMMITTED.json"
 CHECKSUMS = "checksums.json"
+ZARR_METADATA = "zarr.json"  # of every shard group and array
 LAYER_CONVENTION = "decoder-layer output; id i == hf output_hidden_states[i + 1]"
 HIDDEN_DTYPES = tuple(CODECS)
 # Token-axis arrays besides the hidden states: name -> (row shape, dtype).
 TOKEN_ARRAYS = {"input_ids": ((), "int32"), "loss_mask": ((), "uint8"), "position_ids": ((3,), "int32")}
 HEAD_TENSORS = ("embed_tokens", "lm_head", "final_norm")
+# storage.compression -> the codec chain of the hidden states. Every chunk ends with a crc32c so that any flipped
+# byte is caught on read, compressed or not.
+COMPRESSIONS = {
+    "none": lambda: [Crc32cCodec()],
+    "zstd": lambda: [ZstdCodec(level=3), Crc32cCodec()],
+    "blosc_lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
+}
 
 
 class CacheError(Exception):
@@ -53,6 +63,129 @@ class IncompatibleCacheError(CacheError, ValueError):
 
 class CacheCorruptionError(CacheError):
     """Stored bytes do not match their checksums or the shard's own bookkeeping."""
+
+
+# --- what the cache's JSON may hold ---------------------------------------------------------------------------
+# A cache on disk may lie. Every JSON value it holds is checked against a schema here when read, so a wrong one
+# is refused naming its file and dotted key instead of surfacing later as a TypeError deep inside a read.
+
+
+def _join(key: str, name) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _label(key: str) -> str:
+    return f"key {key}" if key else "the top level"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."  # a hostile value must not make the message huge
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A single value: `what` completes "must be ...", `ok` tells whether a value is one."""
+
+    what: str
+    ok: Callable[[Any], bool]
+
+    def check(self, value, where: str, key: str = "") -> None:
+        if not self.ok(value):
+            raise CacheCorruptionError(f"{where}: {_label(key)} must be {self.what} (got {_shown(value)})")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """An object with these keys, each checked by its schema. Other keys are left alone, so that what a newer
+    minor version adds reads."""
+
+    required: dict
+    optional: dict = field(default_factory=dict)
+
+    def check(self, value, where: str, key: str = "") -> None:
+        OBJECT.check(value, where, key)
+        missing = [name for name in self.required if name not in value]
+        if missing:
+            raise CacheCorruptionError(f"{where}: key {_join(key, missing[0])} is missing")
+        for name, schema in {**self.required, **self.optional}.items():
+            if name in value:
+                schema.check(value[name], where, _join(key, name))
+
+
+@dataclass(frozen=True)
+class Each:
+    """An object of any keys (each a `names` where given), every value checked by `schema`."""
+
+    schema: Any
+    names: Rule | None = None
+
+    def check(self, value, where: str, key: str = "") -> None:
+        OBJECT.check(value, where, key)
+        for name, item in value.items():
+            if self.names is not None and not self.names.ok(name):
+                raise CacheCorruptionError(f"{where}: {_label(key)} holds an entry named {_shown(name)}; entry "
+                                           f"names must be {self.names.what}")
+            self.schema.check(item, where, _join(key, name))
+
+
+@dataclass(frozen=True)
+class Items:
+    """A list, every item checked by `schema`."""
+
+    schema: Any
+
+    def check(self, value, where: str, key: str = "") -> None:
+        LIST.check(value, where, key)
+        for i, item in enumerate(value):
+            self.schema.check(item, where, f"{key}[{i}]")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_in(low: int, high: int, what: str) -> Rule:
+    return Rule(what, lambda v: _is_int(v) and low <= v < high)
+
+
+def one_of(names) -> Rule:
+    return Rule(f"one of {', '.join(names)}", lambda v: isinstance(v, str) and v in names)
+
+
+def matching(pattern: str, what: str) -> Rule:
+    return Rule(what, lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None)
+
+
+OBJECT = Rule("an object", lambda v: isinstance(v, dict))
+LIST = Rule("a list", lambda v: isinstance(v, list))
+TEXT = Rule("a string", lambda v: isinstance(v, str))
+COUNT = int_in(0, 2**63, "a non-negative integer below 2**63")  # counts and offsets are int64
+SIZE = int_in(1, 2**31, "a positive integer below 2**31")  # token ids and array shapes are int32
+VERSION = matching(r"[0-9]+\.[0-9]+", "a string MAJOR.MINOR of two integers")
+RELATIVE_PATH = Rule("relative paths inside the cache", lambda v: all(p not in ("", ".", "..") for p in v.split("/")))
+
+MARKER_SCHEMA = Fields({"samples": COUNT, "tokens": COUNT, "supervised_tokens": COUNT},
+                       {"image_tokens": COUNT, "chunks": Each(COUNT), "skipped": Each(COUNT), "turns": Each(COUNT)})
+SUMMARY_SCHEMA = Fields({}, {"shard_samples": Each(COUNT), "skipped": Each(COUNT)})
+CHECKSUMS_SCHEMA = Each(matching("[0-9a-f]{64}", "a sha256 hex digest"), names=RELATIVE_PATH)
+META_SCHEMA = Items(Fields({"key": TEXT}))  # the `meta` array of a shard: one object per sample
+TARGET_SCHEMA = Fields({"name_or_path": TEXT, "model_type": TEXT, "num_hidden_layers": SIZE, "hidden_size": SIZE,
+                        "vocab_size": SIZE, "fingerprint": TEXT})
+STORAGE_SCHEMA = Fields({"hidden_dtype": one_of(HIDDEN_DTYPES), "chunk_tokens": SIZE,
+                         "compression": one_of(tuple(COMPRESSIONS))})
+
+
+def manifest_schema(target: dict) -> Fields:
+    """The manifest's keys, its layer and token ids bounded by its `target` (already checked)."""
+    top = target["num_hidden_layers"] - 2  # the last layer is never captured: HF applies the final norm to it
+    layer_ids = Rule(f"a non-empty strictly increasing list of integers in [0, {top}]",
+                     lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(i) and 0 <= i <= top for i in v)
+                     and all(a < b for a, b in zip(v, v[1:])))
+    vocab = target["vocab_size"]
+    return Fields({"schema_version": VERSION, "target": TARGET_SCHEMA, "target_layer_ids": layer_ids,
+                   "storage": STORAGE_SCHEMA, "tokenizer_fingerprint": TEXT, "generation": OBJECT,
+                   "special_tokens": Each(int_in(0, vocab, f"a token id in [0, {vocab})")), "layer_convention": TEXT})
 
 
 @dataclass
@@ -119,30 +252,20 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
-        if not isinstance(data, dict):
-            raise CacheCorruptionError(f"{where}: not a JSON object")
-        if "schema_version" not in data:
-            raise CacheCorruptionError(f"{where}: key schema_version is missing")
-        version = str(data["schema_version"])
-        major = version.split(".")[0]
+    def from_dict(cls, data, where: str = "manifest") -> "Manifest":
+        """A manifest read from JSON, every key checked (`manifest_schema`); keys of a newer minor are ignored."""
+        Fields({"schema_version": VERSION}).check(data, where)
+        major = data["schema_version"].split(".")[0]
         if major != SCHEMA_VERSION.split(".")[0]:
             raise IncompatibleCacheError(
-                f"{where}: schema_version {version} is not readable by this dflash-offline "
+                f"{where}: schema_version {data['schema_version']} is not readable by this dflash-offline "
                 f"(reads {SCHEMA_VERSION.split('.')[0]}.x); re-extract the cache or use a matching release")
-        # Every key written since 1.0 is required and named when missing; keys of a newer minor are ignored.
-        def known(kind, values, prefix):
-            if not isinstance(values, dict):
-                raise CacheCorruptionError(f"{where}: key {prefix.rstrip('.')} is not an object")
-            names = [f.name for f in fields(kind)]
-            missing = [n for n in names if n not in values]
-            if missing:
-                raise CacheCorruptionError(f"{where}: key {prefix}{missing[0]} is missing")
-            return {n: values[n] for n in names}
-
-        top = known(cls, data, "")
-        top["target"] = TargetInfo(**known(TargetInfo, top["target"], "target."))
-        top["storage"] = StorageInfo(**known(StorageInfo, top["storage"], "storage."))
+        Fields({"target": TARGET_SCHEMA}).check(data, where)
+        schema = manifest_schema(data["target"])
+        schema.check(data, where)
+        top = {name: data[name] for name in schema.required}
+        top["target"] = TargetInfo(**{name: top["target"][name] for name in TARGET_SCHEMA.required})
+        top["storage"] = StorageInfo(**{name: top["storage"][name] for name in STORAGE_SCHEMA.required})
         return cls(**top)
 
     def mismatches(self, other: "Manifest") -> list[str]:

@@ -15,9 +15,10 @@ from safetensors.torch import load
 from zarr.core.sync import sync
 
 from cache_schema import chunks
-from cache_schema.layout import (CHECKSUMS, COMMIT_MARKER, HEAD_FILE, MANIFEST, SHARDS_DIR, SUMMARY, TOKENIZER_DIR,
+from cache_schema.layout import (CHECKSUMS, CHECKSUMS_SCHEMA, COMMIT_MARKER, HEAD_FILE, MANIFEST, MARKER_SCHEMA,
+                                 META_SCHEMA, SHARDS_DIR, SUMMARY, SUMMARY_SCHEMA, TOKENIZER_DIR, ZARR_METADATA,
                                  CacheCorruptionError, CacheError, Manifest, Sample, check_compatible)
-from cache_schema.storage import Location
+from cache_schema.storage import JSON_LIMIT, Location
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,7 @@ log = logging.getLogger(__name__)
 def load_manifest(loc: Location) -> Manifest:
     if not loc.exists(MANIFEST):
         raise CacheError(f"{loc.url} is not a dflash-offline cache: {MANIFEST} not found")
-    try:
-        data = loc.read_json(MANIFEST)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorruptionError(f"{loc.url}/{MANIFEST} is not valid JSON: {e}") from e
-    return Manifest.from_dict(data, where=f"{loc.url}/{MANIFEST}")
+    return Manifest.from_dict(loc.read_json(MANIFEST), where=loc.where(MANIFEST))
 
 
 class CacheReader:
@@ -45,7 +42,8 @@ class CacheReader:
         if expect is not None:
             check_compatible(self.manifest, expect, f"cache {url}")
         self.shards, self.uncommitted = self.loc.shard_names()
-        self.markers = {name: self._marker(name) for name in self.shards}
+        self.markers = {name: self.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER, schema=MARKER_SCHEMA)
+                        for name in self.shards}
         counts = [self.markers[n]["samples"] for n in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._arrays: dict = {}
@@ -62,16 +60,6 @@ class CacheReader:
         state["_arrays"], state["_plans"], state["_offsets"], state["_metas"] = {}, {}, {}, {}
         return state
 
-    def _marker(self, name: str) -> dict:
-        try:
-            marker = self.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheCorruptionError(f"shard {name}: commit marker is not valid JSON: {e}") from e
-        missing = [k for k in ("samples", "tokens", "supervised_tokens") if k not in marker]
-        if missing:
-            raise CacheCorruptionError(f"shard {name}: commit marker lacks key {missing[0]}")
-        return marker
-
     def __len__(self) -> int:
         return int(self.starts[-1])
 
@@ -82,9 +70,12 @@ class CacheReader:
         recorded = marker.get("chunks")  # since 1.1
         arrays, where = {}, f"shard {shard}"
         try:  # zarr: KeyError or FileNotFoundError for a missing node, ValueError for an invalid zarr.json
+            # zarr reads a metadata file whole, whatever it is: it must be a small regular one.
+            self.loc.check_file(SHARDS_DIR, shard, ZARR_METADATA, limit=JSON_LIMIT)
             group = self.loc.open_shard(shard, mode="r")
             for name in expected:
                 where = f"shard {shard}, array {name}"
+                self.loc.check_file(SHARDS_DIR, shard, name, ZARR_METADATA, limit=JSON_LIMIT)
                 arrays[name] = group[name]
         except (KeyError, ValueError, FileNotFoundError) as e:
             raise CacheCorruptionError(f"{where}: cannot be opened: {type(e).__name__}: {e}") from e
@@ -141,8 +132,9 @@ class CacheReader:
         if shard not in self._metas:
             try:
                 metas = json.loads(self.read(shard, "meta").tobytes())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # as Location.read_json
                 raise CacheCorruptionError(f"shard {shard}, array meta: not valid JSON: {e}") from e
+            META_SCHEMA.check(metas, f"shard {shard}, array meta")
             if len(metas) != self.markers[shard]["samples"]:
                 raise CacheCorruptionError(f"shard {shard}, array meta: {len(metas)} entries, commit marker says "
                                            f"{self.markers[shard]['samples']} samples")
@@ -245,10 +237,7 @@ class CacheReader:
                 raise CacheCorruptionError(f"{self.loc.url}/{CHECKSUMS} not found: the extraction that made this "
                                            "cache stopped before its target files were complete; run it again")
             return None
-        try:
-            return self.loc.read_json(CHECKSUMS)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheCorruptionError(f"{self.loc.url}/{CHECKSUMS} is not valid JSON: {e}") from e
+        return self.loc.read_json(CHECKSUMS, schema=CHECKSUMS_SCHEMA)
 
     def _check_file(self, rel: str, data: bytes | None = None) -> None:
         if self.checksums is None:
@@ -266,7 +255,7 @@ class CacheReader:
         """The target's embedding, head and final norm, after checking the file against its checksum."""
         if not self.loc.exists(HEAD_FILE):
             raise CacheError(f"{self.loc.url}/{HEAD_FILE} not found: extraction did not export the target head")
-        data = self.loc.fs.cat_file(self.loc.path(HEAD_FILE))
+        data = self.loc.read_bytes(HEAD_FILE)
         self._check_file(HEAD_FILE, data)
         try:
             return load(data)
@@ -284,10 +273,7 @@ class CacheReader:
         """The run statistics extraction wrote at its end (None if no run finished yet)."""
         if not self.loc.exists(SUMMARY):
             return None
-        try:
-            return self.loc.read_json(SUMMARY)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheCorruptionError(f"{self.loc.url}/{SUMMARY} is not valid JSON: {e}") from e
+        return self.loc.read_json(SUMMARY, schema=SUMMARY_SCHEMA)
 
     def missing_shards(self) -> dict[str, int]:
         """Shards `summary.json` lists (name -> samples) that are not committed now."""

@@ -3,21 +3,17 @@
 import hashlib
 import json
 import os
+import stat
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from cache_schema.layout import COMMIT_MARKER, SHARDS_DIR
+from cache_schema.layout import COMMIT_MARKER, COMPRESSIONS, SHARDS_DIR, CacheCorruptionError, CacheError
 
-# Every chunk ends with a crc32c so that any flipped byte is caught on read, compressed or not.
-COMPRESSIONS = {
-    "none": lambda: [Crc32cCodec()],
-    "zstd": lambda: [ZstdCodec(level=3), Crc32cCodec()],
-    "blosc_lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()],
-}
+# The most bytes any JSON file of a cache may hold; the largest, summary.json, lists one line per shard.
+JSON_LIMIT = 64 << 20
 
 
 def compressors(name: str) -> list:
@@ -31,18 +27,61 @@ class Location:
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ValueError, ImportError) as e:  # fsspec: an unknown protocol, or one whose package is missing
+            raise CacheError(f"{self.url}: no storage for this URL: {e}") from e
         self.is_url = "://" in self.url
+        self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def where(self, *parts: str) -> str:
+        """A file's name in messages: the cache's URL as given, then the path inside it."""
+        return "/".join([self.url, *parts])
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
-    def read_json(self, *parts: str):
-        with self.fs.open(self.path(*parts), "r") as f:
-            return json.load(f)
+    def check_file(self, *parts: str, limit: int | None = None) -> None:
+        """Refuse, before anything opens it, what no read could finish: anything but a regular file (a FIFO
+        blocks, /dev/zero never ends), or a file above `limit` bytes. Other OSErrors pass through."""
+        path = self.path(*parts)
+        if self.local:
+            st = os.stat(path)
+            regular, size = stat.S_ISREG(st.st_mode), st.st_size
+        else:
+            info = self.fs.info(path)
+            regular, size = info["type"] == "file", info.get("size")
+        if not regular:
+            raise CacheCorruptionError(f"{self.where(*parts)}: not a regular file")
+        if limit is not None and size is not None and size > limit:
+            raise CacheCorruptionError(f"{self.where(*parts)}: {size} bytes, above the limit of {limit}")
+
+    def read_bytes(self, *parts: str, limit: int | None = None) -> bytes:
+        """A whole file, never more than `limit` + 1 bytes of it read (a larger one is refused)."""
+        try:
+            if self.local:  # an object store holds no devices and answers read(n) with n bytes at most
+                self.check_file(*parts, limit=limit)
+            with self.fs.open(self.path(*parts), "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+        except OSError as e:
+            raise CacheError(f"{self.where(*parts)}: cannot be read: {e}") from e
+        if limit is not None and len(data) > limit:
+            raise CacheCorruptionError(f"{self.where(*parts)}: more than the limit of {limit} bytes")
+        return data
+
+    def read_json(self, *parts: str, schema=None):
+        """A JSON file of the cache, read within JSON_LIMIT and checked by `schema` (see layout.py) if given."""
+        data = self.read_bytes(*parts, limit=JSON_LIMIT)
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of too many digits, deep nesting
+            raise CacheCorruptionError(f"{self.where(*parts)}: not valid JSON: {e}") from e
+        if schema is not None:
+            schema.check(value, self.where(*parts))
+        return value
 
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         """Write to a temporary name, then rename: readers see the old file or the whole new one."""
@@ -63,6 +102,8 @@ class Location:
             raise ValueError(f"out={self.url} is not writable: {type(e).__name__}: {e}") from e
 
     def sha256(self, *parts: str) -> str:
+        if self.local:
+            self.check_file(*parts)
         digest = hashlib.sha256()
         with self.fs.open(self.path(*parts), "rb") as f:
             while block := f.read(1 << 24):
@@ -80,7 +121,7 @@ class Location:
         A local disk answers one stat per file (bench: 3x faster than walking zarr's one-folder-per-chunk
         tree); an object store answers one listing, instead of a request per file.
         """
-        if isinstance(self.fs, LocalFileSystem):
+        if self.local:
             base = self.path(*parts)
             return [n for n in names if not os.path.exists(f"{base}/{n}")]
         present = self.files_under(*parts)
@@ -91,8 +132,7 @@ class Location:
 
     def open_shard(self, name: str, mode: str) -> zarr.Group:
         # zarr's fsspec store does not create local directories, so file:// goes through its local store.
-        local = isinstance(self.fs, LocalFileSystem)
-        where = self.path(SHARDS_DIR, name) if local else f"{self.url}/{SHARDS_DIR}/{name}"
+        where = self.path(SHARDS_DIR, name) if self.local else f"{self.url}/{SHARDS_DIR}/{name}"
         return zarr.open_group(where, mode=mode)
 
     def shard_names(self) -> tuple[list[str], list[str]]:

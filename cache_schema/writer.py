@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from cache_schema.layout import (CHECKSUMS, COMMIT_MARKER, HEAD_FILE, HEAD_TENSORS, MANIFEST, SHARDS_DIR, SUMMARY,
                                  TOKENIZER_DIR, CacheError, Manifest, Sample, check_compatible)
-from cache_schema.reader import CacheReader
+from cache_schema.reader import CacheReader, load_manifest
 from cache_schema.storage import Location, compressors
 
 # Token-axis chunks buffered before a write; larger batches amortise per-write overhead on object stores.
@@ -35,8 +35,7 @@ class CacheWriter:
         self.manifest = manifest
         self.loc.check_writable()
         if self.loc.exists(MANIFEST):
-            existing = Manifest.from_dict(self.loc.read_json(MANIFEST), where=f"{url}/{MANIFEST}")
-            check_compatible(existing, manifest, f"cache {url}")
+            check_compatible(load_manifest(self.loc), manifest, f"cache {url}")
         else:
             # Every rank writes identical bytes atomically, so a race between ranks is harmless.
             self.loc.write_json_atomic(manifest.to_dict(), MANIFEST)

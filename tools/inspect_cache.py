@@ -110,12 +110,22 @@ def main(argv=None) -> int:
     try:
         return inspect(args)
     except CacheError as e:  # not a cache, a damaged one, or one this release cannot read: one line says which
-        print(f"inspect_cache: {e}", file=sys.stderr)
-        return 1
+        return fail(e, 1)
+    except (ValueError, OSError) as e:  # a mistaken option, or an output that cannot be written (full disk, ...)
+        return fail(e, 2)
+
+
+def fail(error: Exception, code: int) -> int:
+    message = " ".join(str(error).split())  # one line, whatever the error's own text holds
+    print(f"inspect_cache: {message}", file=sys.stderr)
+    return code
 
 
 def inspect(args) -> int:
     reader = CacheReader(args.cache)
+    bad = [k for k in args.sample if not 0 <= k < len(reader)]
+    if bad:  # before any output, so that a mistake prints nothing but its one line
+        raise ValueError(f"--sample {bad[0]}: the cache holds {len(reader)} samples, numbered from 0")
     info = summary(reader)
     if args.verify:
         info["verify"] = verify(args.cache, progress=not args.json)
