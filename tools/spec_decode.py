@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache_schema import Manifest
+from cache_schema import CacheError, Manifest
 from extract.formats import SkipSample, parse_sample
 from extract.prompts import GenerationSettings, Prompts
 from extract.regenerate import generate, last_turn_prompt
@@ -235,4 +235,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, CacheError) as e:  # a user mistake or a bad cache: one line, not a traceback
+        raise SystemExit(f"tools.spec_decode: {e}") from None

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from cache_schema import CacheReader  # noqa: E402
+from cache_schema import CacheError, CacheReader  # noqa: E402
 from train.checkpoint import load_drafter, read_checkpoint  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
 from train.replay import GROUPS, GreedyDrafter, replay_records, replay_figures  # noqa: E402
@@ -162,4 +162,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, CacheError) as e:  # a user mistake or a bad cache: one line, not a traceback
+        raise SystemExit(f"train.evaluate: {e}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache_schema import Manifest
+from cache_schema import CacheError, Manifest
 from train.checkpoint import read_checkpoint
 from train.config import DrafterConfig
 from train.export_formats import FORMATS
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.format, args.out, args.cache, args.dtype, args.overwrite)
-    except ValueError as e:
+    except (ValueError, CacheError) as e:
         raise SystemExit(f"train.export: {e}") from None
     print(f"exported {read_checkpoint(args.checkpoint).path} as {args.format} to {out}")
 
