@@ -279,3 +279,14 @@ def test_length_sorted_batches_reorder_only_within_each_window():
         assert {c.key for c in window} == {c.key for c in convs[w:w + 6]}
         assert [text_length(c) for c in window] == sorted(text_length(c) for c in window)
     assert [c.key for b in length_sorted_batches(iter(convs), 3, 1) for c in b] == [c.key for c in convs]
+
+
+def test_a_window_is_cut_where_its_decoded_images_reach_the_pixel_budget():
+    """Memory follows the budget, not what the images declare: a window of 2 x 3 conversations is cut at the
+    conversation whose images bring it to the budget, and the rest come in order after it."""
+    sizes = [(10, 10), (100, 50), (10, 10), (10, 10), (70, 70), (10, 10), (10, 10), (10, 10)]
+    convs = [Conversation(key=f"c{i}", source="t", images=[Image.new("RGB", s)], messages=[
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q" * (9 - i)}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]) for i, s in enumerate(sizes)]
+    batches = list(length_sorted_batches(iter(convs), batch_size=3, window=2, max_pixels=5000))
+    assert [sorted(c.key for c in b) for b in batches] == [["c0", "c1"], ["c2", "c3", "c4"], ["c5", "c6", "c7"]]
