@@ -62,7 +62,7 @@ def extract_config(out, shards, target_dir, **kw):
                           layer_ids=kw.pop("layer_ids", [2, 4, 5]))
     return ExtractConfig(out=str(out), target=target,
                          data=InputConfig(shards=",".join(map(str, shards))),
-                         generation=GenerationConfig(max_new_tokens=16, batch_size=4,
+                         generation=GenerationConfig(max_new_tokens=kw.pop("max_new_tokens", 16), batch_size=4,
                                                      max_length=kw.pop("max_length", 4096)), progress=False, **kw)
 
 

@@ -5,7 +5,8 @@
 REQUEST: {"model": DIR, "prompts": [[token ids], ...], "max_tokens": N, "stop_token_ids": [...],
           "banned_token_ids": [...], "dtype": "float32", "max_model_len": N, "memory_fraction": 0.08,
           "speculative_config": {...} | null}
-RESULT:  {"outputs": [[token ids], ...], "seconds": generation wall time, "vllm": version}
+RESULT:  {"outputs": [[token ids], ...], "seconds": generation wall time, "vllm": version,
+          "spec_decode": {num_drafts, num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos}}
 
 Prompts go in as token ids and come back as token ids, so nothing is re-tokenised on either side. The result is
 written under a temporary name and renamed, so a killed run leaves no half-written file.
@@ -17,13 +18,24 @@ import sys
 import time
 
 
+def spec_decode_metrics(llm) -> dict:
+    """The engine's own speculative-decoding counters (drafts, draft tokens, accepted tokens, accepted per
+    position), as its metrics report them; empty without speculation."""
+    out = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode"):
+            name = metric.name.removeprefix("vllm:spec_decode_")
+            out[name] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return out
+
+
 def main(request_path: str, result_path: str) -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
     request = json.loads(open(request_path).read())
     llm = LLM(model=request["model"], dtype=request.get("dtype", "auto"),
-              max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0,
+              max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0, disable_log_stats=False,
               # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
               gpu_memory_utilization=request.get("memory_fraction", 0.08),
               speculative_config=request.get("speculative_config"))
@@ -35,7 +47,7 @@ def main(request_path: str, result_path: str) -> None:
     started = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": time.perf_counter() - started,
-              "vllm": vllm.__version__}
+              "vllm": vllm.__version__, "spec_decode": spec_decode_metrics(llm)}
     tmp = f"{result_path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(result, f)
