@@ -35,7 +35,8 @@ class InputConfig:
 @dataclass
 class GenerationConfig(GenerationSettings):
     """The generation settings (extract/prompts.py: what a prompt and its answer are, stored in the manifest)
-    and how fast they are produced, which changes no token."""
+    and how fast they are produced, which is left out of the manifest (padding changes kernel shapes, so a
+    near-tie may rarely resolve otherwise: docs/decisions.md, "What is byte-for-byte")."""
 
     batch_size: int = 8
     # Conversations are read in windows of this many batches and sorted by text length before batching, so a

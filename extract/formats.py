@@ -34,7 +34,16 @@ def guarded(reason: str, fn, *args):
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - deliberately any: the data decides what is raised
+        if machine_error(e):
+            raise
         raise as_skip(reason, e) from e
+
+
+def machine_error(error: Exception) -> bool:
+    """An error of the machine, not of one conversation's data (out of memory, a device fault): skipping the
+    sample would hide it, depend on memory pressure, and with a poisoned device skip every later one."""
+    return (isinstance(error, MemoryError) or type(error).__name__ in ("OutOfMemoryError", "AcceleratorError")
+            or "CUDA error" in str(error))
 
 
 def as_skip(reason: str, error: Exception) -> SkipSample:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from extract.formats import Conversation, SkipSample, as_skip, guarded
+from extract.formats import Conversation, SkipSample, as_skip, guarded, machine_error
 from extract.prompts import Prompts, TurnPrompt, encode, images_in
 from extract.spans import END, answer_char_spans, answer_token_spans
 from extract.target import SUPPRESSED_TOKENS, Target
@@ -120,12 +120,16 @@ def _batched(dialogs: list[Dialog], step, reason: str):
     try:
         return step(dialogs)
     except Exception as e:  # noqa: BLE001 - which conversation made the batch fail is found below
+        if machine_error(e):
+            raise
         if len(dialogs) == 1:
             dialogs[0].skip = as_skip(reason, e)
             return None
-    for d in dialogs:
-        _guard(d, reason, step, [d])
-    left = [d for d in dialogs if d.skip is None]
+        for d in dialogs:
+            _guard(d, reason, step, [d])
+        left = _alive(dialogs)
+        if len(left) == len(dialogs):  # every one works alone: the batch itself fails, which no skip explains
+            raise
     return step(left) if left else None
 
 
@@ -154,6 +158,18 @@ def _regenerated(prompts: Prompts, d: Dialog) -> Sequence:
                     generated_tokens=sum(map(len, d.answers)), answers=d.answers)
 
 
+def kept_rendering(prompts: Prompts, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The whole conversation (up to its last answer) as the template renders it with the dataset's own answers,
+    and each answer's characters: with `regenerate=false`, the last answer's context is this text up to it."""
+    text = prompts.render(conv.messages[:conv.assistant_turns[-1] + 1], False)
+    prompts.check_chars(text)
+    chars = answer_char_spans(text, prompts.suffix)
+    if len(chars) != len(conv.assistant_turns):
+        raise SkipSample("unsupervised_turn", f"{len(conv.assistant_turns)} assistant turns, {len(chars)} found "
+                         "in the rendered conversation")
+    return text, chars
+
+
 def _kept(prompts: Prompts, conv: Conversation) -> Sequence:
     """The dataset's own answers: the last one cut from the template's rendering of the whole conversation
     (after its header and any think scaffolding) and encoded as the model would write it, by itself; or, when
@@ -161,11 +177,7 @@ def _kept(prompts: Prompts, conv: Conversation) -> Sequence:
     encoding is counted)."""
     target = prompts.target
     messages = conv.messages[:conv.assistant_turns[-1] + 1]
-    text = prompts.render(messages, False)
-    chars = answer_char_spans(text, prompts.suffix)
-    if len(chars) != len(conv.assistant_turns):
-        raise SkipSample("unsupervised_turn", f"{len(conv.assistant_turns)} assistant turns, {len(chars)} found "
-                         "in the rendered conversation")
+    text, chars = kept_rendering(prompts, conv)
     start, end = chars[-1]
     answer_ids = target.tokenizer.encode(text[start:end - len(END)], add_special_tokens=False)
     given, differs = messages[-1].get("token_ids"), 0
@@ -209,12 +221,16 @@ def build_sequences(prompts: Prompts, convs: list[Conversation], on_skip) -> lis
 
 
 def last_turn_prompt(prompts: Prompts, conv: Conversation) -> dict:
-    """The last assistant turn's prompt, encoded (batch of 1), with the earlier turns extraction would give it:
-    regenerated greedily first (the dataset's own with `regenerate=false`). Raises the SkipSample extraction
-    would skip the conversation with."""
+    """The last assistant turn's context exactly as extraction caches it, encoded (batch of 1): earlier turns
+    regenerated greedily first and the generation prompt rendered, or with `regenerate=false` the template's
+    rendering of the dataset's conversation cut where the last answer starts (a thinking template's empty
+    think block included). Raises the SkipSample extraction would skip the conversation with."""
     last = len(conv.assistant_turns) - 1
-    answers = None
-    if prompts.settings.regenerate:
+    if not prompts.settings.regenerate:
+        text, chars = guarded("unrenderable", kept_rendering, prompts, conv)
+        images = images_in(conv.messages[:conv.assistant_turns[-1]], conv)
+        prompt = TurnPrompt(text[:chars[-1][0]], images)
+    else:
         dialog = Dialog(Conversation(conv.key, conv.source, conv.messages[:conv.assistant_turns[-1]], conv.images))
         regenerate_turns(prompts, [dialog])
         if dialog.skip is not None:
@@ -222,8 +238,8 @@ def last_turn_prompt(prompts: Prompts, conv: Conversation) -> dict:
         if dialog.truncated:
             raise SkipSample("history_truncated", "an earlier turn hit max_new_tokens: extraction ends the "
                              "conversation there")
-        answers = dialog.answers
-    batch = prompts.encode([prompts.turn(conv, last, answers)])
+        prompt = guarded("unrenderable", prompts.turn, conv, last, dialog.answers)
+    batch = guarded("unprocessable", prompts.encode, [prompt])
     prompts.check_length(batch["input_ids"].shape[1])
     return batch
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from cache_schema import CacheWriter, Manifest, TargetInfo
-from cache_schema.layout import COMMIT_MARKER, SHARDS_DIR
+from cache_schema.layout import COMMIT_MARKER, MARKER_SCHEMA, SHARDS_DIR
 from extract.capture import capture
 from extract.config import ExtractConfig
 from extract.formats import Conversation, SkipSample, guarded
@@ -110,8 +110,9 @@ class ShardProgress:
 
     def __init__(self, writer: CacheWriter, shards: int, rank: int, enabled: bool):
         self.shards, self.done_shards, self.read, self.read_at_shard_end = shards, 0, 0, 0
-        committed = sorted(writer.committed())[:8]
-        sizes = [_conversations(writer.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER)) for name in committed]
+        committed = sorted(writer.committed())[:8] if enabled else []
+        sizes = [conversations_in(writer.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER, schema=MARKER_SCHEMA))
+                 for name in committed]
         self.prior = sum(sizes) / len(sizes) if sizes else None
         self.bar = tqdm(unit="conv", desc=f"extract[{rank}]", disable=not enabled, position=rank,
                         total=self._estimate())
@@ -137,7 +138,7 @@ class ShardProgress:
         self.bar.close()
 
 
-def _conversations(marker: dict) -> int:
+def conversations_in(marker: dict) -> int:
     return int(marker.get("samples", 0)) + sum(int(v) for v in (marker.get("skipped") or {}).values())
 
 
@@ -228,9 +229,9 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                     totals["captured_tokens"] += len(sample)
                     totals["generated_tokens"] += result.generated_tokens
                 elapsed = time.perf_counter() - start
-                read = kept + sum(skips.values()) - skipped_before
+                conversations_read = kept + sum(skips.values()) - skipped_before
                 skipped_before = sum(skips.values())
-                bar.update(read, gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
+                bar.update(conversations_read, gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
                            cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=skipped_before)
         except IncompleteShard as e:
             if cfg.strict:
@@ -240,6 +241,7 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
             incomplete[url] = f"{e.reason}: {e.detail}"
             continue
         shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
+        bar.update(sum(skips.values()) - skipped_before)  # skips after the shard's last batch
         bar.shard_done()
     bar.close()
     return incomplete

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  sets TORCHINDUCTOR_CACHE_DIR once, on import (a torch optimizer's first use
+# imports it): imported here, before any test's snapshot, so the guard does not blame whichever test comes first
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -242,6 +242,15 @@ def test_out_that_is_not_an_earlier_export_is_refused_and_left_as_it_was(tmp_pat
         export(ckpt, "dflash", tmp_path / "spec", overwrite=True)
     export(ckpt, "speculators", tmp_path / "spec", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    # A published DFlash drafter (another tool's export, beside its README) is never ours to replace.
+    theirs = tmp_path / "z-lab-drafter"
+    theirs.mkdir()
+    (theirs / "config.json").write_text(json.dumps({"dflash_config": {"mask_token_id": 1}}))
+    (theirs / "model.safetensors").write_bytes(b"weights")
+    (theirs / "README.md").write_text("theirs")
+    with pytest.raises(ValueError, match="not a dflash export written by train.export"):
+        export(ckpt, "dflash", theirs, overwrite=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_main_reports_a_refusal_in_one_line(tmp_path, capsys):

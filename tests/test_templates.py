@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from extract.formats import Conversation, SkipSample, parse_sample
-from extract.regenerate import Sequence
+from extract.regenerate import Sequence, last_turn_prompt
 from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
 from extract.target import load_target
 from helpers import prompts_of, sequences
@@ -268,3 +268,24 @@ def test_malformed_token_ids_are_a_counted_skip(ids):
                                                                 "token_ids": ids}]}).encode()}
     with pytest.raises(SkipSample, match="token_ids"):
         parse_sample(record, source="t")
+
+
+# The qwen3_5 model never ends a turn within the budget: regenerated, its conversations end at the first turn.
+@pytest.mark.parametrize("family, template, thinking, regenerate",
+                         [(*case, r) for case in CASES for r in (False, True) if not (case[0] == "qwen3_5" and r)])
+def test_spec_decode_prompts_are_the_context_extraction_caches(family, template, thinking, regenerate, targets,
+                                                               reasoning_convs):
+    """tools.spec_decode decodes from `last_turn_prompt`: it must be exactly the cached ids before the last
+    answer, under every template and thinking switch (with dataset answers too, where the template's rendering
+    of the whole conversation, empty think block included, is what was cached)."""
+    target = targets(family, template)
+    settings = dict(regenerate=regenerate, max_new_tokens=24, enable_thinking=thinking)
+    prompts = prompts_of(target, **settings)
+    checked = 0
+    for conv, seq in zip(reasoning_convs, sequences(target, reasoning_convs, **settings)):
+        if isinstance(seq, SkipSample) or seq.truncated_turns or seq.dropped_turns:
+            continue
+        ids = seq.inputs["input_ids"][0].tolist()
+        assert last_turn_prompt(prompts, conv)["input_ids"][0].tolist() == ids[:seq.spans[-1][0]], conv.key
+        checked += 1
+    assert checked

@@ -124,10 +124,11 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     generation = info.manifest.generation
     # The prompts the drafter was trained on: the settings its cache was extracted with.
     settings = GenerationSettings.from_manifest(generation)
-    if max_new_tokens is not None:
-        if max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
-        settings.max_new_tokens = max_new_tokens
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    # Earlier turns are regenerated under the cache's own limit, as extraction did; the override only bounds
+    # the answer decoded here.
+    limit = max_new_tokens or settings.max_new_tokens
     settings.check()
     target = load_target(target_path, dtype=dtype or generation.get("target_dtype", "bfloat16"), device=device)
     spec = build(target, Path(drafter), Path(vp) if vp else None, k, device)
@@ -146,10 +147,10 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
             continue
         _sync(device)
         t0 = time.perf_counter()
-        (reference,), _ = generate(target, batch, settings.max_new_tokens)
+        (reference,), _ = generate(target, batch, limit)
         _sync(device)
         ref_seconds = time.perf_counter() - t0
-        result = spec.decode(batch, settings.max_new_tokens)
+        result = spec.decode(batch, limit)
         rows.append({"key": conv.key, "images": len(conv.images), "prompt_tokens": batch["input_ids"].shape[1],
                      "generated": len(result.tokens), "lossless": result.tokens == reference,
                      "cycles": len(result.accepted), "accepted": result.accepted, "committed": result.committed,
@@ -164,7 +165,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     report.update({"target": target_path, "drafter": str(drafter), "vp": str(vp) if vp else None,
                    "k": k if vp else None, "batch": "one prompt at a time",
                    "d2sd_verification": "branches one after another" if vp else None,
-                   "max_new_tokens": settings.max_new_tokens, "skipped": dict(skipped), "prompts": rows})
+                   "max_new_tokens": limit, "skipped": dict(skipped), "prompts": rows})
     print(table(report))
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -120,21 +120,27 @@ def check_out(out: Path, fmt: str, overwrite: bool) -> None:
     """Refuse an --out that is not ours to replace, before any work."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    for parent in (out, *out.parents):
+    resolved = out.resolve()
+    for parent in (resolved, *resolved.parents):
         if (parent / "state.json").exists() or (parent / "checkpoints").is_dir():
             raise ValueError(f"--out {out} is inside the checkpoint or run directory {parent}; export elsewhere")
     if out.is_dir() and any(out.iterdir()):
-        config = out / "config.json"
-        ours = config.is_file() and FORMATS[fmt].is_it(_read_json(config)) and (out / "model.safetensors").exists()
-        if not ours:
-            raise ValueError(f"--out {out} is a non-empty directory that is not a {fmt} export; choose another")
+        if not is_our_export(out, fmt):
+            raise ValueError(f"--out {out} is a non-empty directory that is not a {fmt} export written by "
+                             "train.export; choose another")
         if not overwrite:
             raise ValueError(f"--out {out} already holds a {fmt} export; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if not parent.exists():
-        parent.mkdir(parents=True)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable")
+    existing = next((p for p in (resolved, *resolved.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
+def is_our_export(path: Path, fmt: str) -> bool:
+    """A directory holding exactly what `export` writes in `fmt`, with our provenance in its config: the only
+    kind of directory --overwrite may replace."""
+    layout, config = FORMATS[fmt], _read_json(path / "config.json")
+    files = {"config.json", "model.safetensors", *layout.extra_files}
+    return layout.is_it(config) and "dflash_offline" in config and {p.name for p in path.iterdir()} <= files
 
 
 def _read_json(path: Path) -> dict:
@@ -169,17 +175,21 @@ def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype
         tensors.update({**extra, "lm_head.weight": extra["lm_head.weight"].to(DTYPES[dtype]).contiguous()})
     vocab = ckpt.draft_ids.numel() if reduced else d.vocab_size
     config = layout.config(d, ckpt.manifest, vocab, dtype, provenance(ckpt.path, d, ckpt.manifest))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    old = parent / f"{tmp.name}.old"
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, source in layout.extra_files.items():
             shutil.copyfile(source, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)  # an earlier export of this format, and --overwrite (check_out)
+        if out.exists():  # an earlier export of this format, and --overwrite (check_out): set aside until replaced
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

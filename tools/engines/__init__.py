@@ -27,8 +27,11 @@ def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         # Its own working directory: the engine's spawned workers re-import the script, not our packages.
-        proc = subprocess.run([str(python), str(script), str(req), str(res)], cwd=tmp, capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        try:
+            proc = subprocess.run([str(python), str(script), str(req), str(res)], cwd=tmp, capture_output=True,
+                                  text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"vLLM did not finish within {timeout} s") from e
         if proc.returncode != 0 or not res.exists():
             raise RuntimeError(f"vLLM failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         return json.loads(res.read_text())

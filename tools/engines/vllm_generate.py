@@ -39,7 +39,8 @@ def main(request_path: str, result_path: str) -> None:
               # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
               gpu_memory_utilization=request.get("memory_fraction", 0.08),
               speculative_config=request.get("speculative_config"))
-    # Tokens extraction never lets the target write (image slots, turn headers), pushed out as its generate does.
+    # Tokens extraction never lets the target write (image slots, turn headers), pushed out as its generate does
+    # (there -inf; an additive -100 here, which no real logit gap comes near).
     banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])}
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
                             stop_token_ids=request.get("stop_token_ids") or None, detokenize=False,
