@@ -66,14 +66,17 @@ class Conversation:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB as the serving engines load it: the EXIF orientation applied (transformers'
-    load_image), RGBA composited on white (vLLM's loader), every other mode by PIL's own convert, as both do
-    (16-bit and float modes clip, LA and palette transparency are dropped): the target must see in training
-    what it is shown when served."""
+    """Any PIL mode to RGB as vLLM's image loader gives it to the processor (the target must see in training what
+    it is shown when served): the EXIF orientation applied (transformers' load_image does the same), any
+    transparency (RGBA, LA, PA, a palette or tRNS entry) composited on white, every other mode by PIL's own
+    convert (16-bit and float modes clip, as in both loaders)."""
     img = ImageOps.exif_transpose(img)
-    if img.mode == "RGBA":
-        canvas = Image.new("RGB", img.size, (255, 255, 255))
-        canvas.paste(img, mask=img.split()[-1])
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.split()[-1])
         return canvas
     return img.convert("RGB")
 

@@ -95,11 +95,13 @@ def test_strict_still_stops_at_the_first_bad_sample(tmp_path, tiny_targets):
 
 
 def served(img: Image.Image) -> np.ndarray:
-    """What a serving engine's loader gives the processor: transformers' load_image (EXIF orientation, then
-    PIL's convert), except RGBA, which vLLM composites on white (load_image would keep the hidden colours)."""
-    if img.mode == "RGBA":
+    """What transformers' load_image gives the processor (EXIF orientation, then PIL's convert), except that
+    transparency is composited on white, as vLLM's loader does (load_image would keep the hidden colours);
+    tests/test_vllm.py compares with vLLM's own loader."""
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         white = Image.new("RGB", img.size, (255, 255, 255))
-        white.paste(img, mask=img.split()[3])
+        rgba = img.convert("RGBA")
+        white.paste(rgba, mask=rgba.split()[3])
         return np.asarray(white)
     return np.asarray(load_image(img))
 

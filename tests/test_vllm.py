@@ -101,3 +101,31 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     per_position = [sum(a >= k for a in ours) for k in (1, 2, 3)]
     assert all(abs(e - o) <= slack for e, o in zip(engine["num_accepted_tokens_per_pos"], per_position))
     assert sum(ours) > 0.2 * len(ours)  # the drafter is accepted at all: a comparison of zeros would prove nothing
+
+
+def test_our_images_are_the_pixels_vllms_own_loader_gives(tmp_path):
+    """Every image mode of tests/test_hostile.py, decoded by extraction and by vLLM's ImageMediaIO in its own
+    interpreter: the same RGB pixels."""
+    import io
+    import subprocess
+
+    import numpy as np
+
+    from extract.formats import decode_image
+    from test_hostile import image_cases
+
+    names = []
+    for name, (img, fmt, save) in image_cases().items():
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **save)
+        (tmp_path / name).write_bytes(buf.getvalue())
+        names.append(name)
+    script = ("import sys, numpy as np\nfrom vllm.multimodal.media.image import ImageMediaIO\n"
+              "for name in sys.argv[2:]:\n"
+              "    img = ImageMediaIO().load_bytes(open(f'{sys.argv[1]}/{name}', 'rb').read())\n"
+              "    np.save(f'{sys.argv[1]}/{name}.npy', np.asarray(getattr(img, 'media', img).convert('RGB')))\n")
+    subprocess.run([str(vllm_python()), "-c", script, str(tmp_path), *names], check=True, capture_output=True,
+                   cwd=tmp_path, timeout=300)
+    for name in names:
+        ours = np.asarray(decode_image((tmp_path / name).read_bytes(), name))
+        np.testing.assert_array_equal(ours, np.load(tmp_path / f"{name}.npy"), err_msg=name)
