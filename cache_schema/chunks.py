@@ -71,12 +71,23 @@ class ChunkPlan:
         except (RuntimeError, ValueError) as e:
             raise CacheCorruptionError(f"{self.where}: chunk {chunk} does not decode: {e}") from e
 
+    @property
+    def max_bytes(self) -> int:
+        """A file read stops past this, so a chunk that is a link to an endless file never fills memory."""
+        return max_chunk_bytes(self.rows * int(np.prod(self.row_shape)) * self.dtype.itemsize)
+
     def scratch(self) -> np.ndarray:
         """This thread's buffer for one decoded chunk, reused: fresh pages would cost a fault per 4 KiB."""
         size = self.rows * int(np.prod(self.row_shape)) * self.dtype.itemsize
         if getattr(_local, "buf", None) is None or _local.buf.nbytes < size:
             _local.buf = np.empty(size, dtype=np.uint8)
         return _local.buf[:size].view(self.dtype).reshape(self.rows, *self.row_shape)
+
+
+def max_chunk_bytes(raw: int) -> int:
+    """The most bytes a chunk file of `raw` decoded bytes can hold: a compressor's worst-case growth on
+    incompressible data (zstd and blosc add well under 1/128 plus a header) and the crc32c."""
+    return raw + (raw >> 7) + 1024 + 4
 
 
 def _frame_content_size(frame) -> int | None:
@@ -131,11 +142,13 @@ def read_ranges(fs, requests: list[tuple[ChunkPlan, int, int]], into: list | Non
     def one(path: str) -> None:
         p, c = users[path][0][:2]
         try:
-            data = blobs[path] if blobs is not None else fs.cat_file(path)
+            data = blobs[path] if blobs is not None else fs.cat_file(path, start=0, end=p.max_bytes + 1)
             if isinstance(data, BaseException):
                 raise data
         except (OSError, KeyError) as e:
             raise CacheCorruptionError(f"{p.where}: chunk {c} cannot be read: {e!r}") from e
+        if len(data) > p.max_bytes:
+            raise CacheCorruptionError(f"{p.where}: chunk {c} holds more than the {p.max_bytes} bytes a chunk can")
         (_, _, k, lo, hi), *more = users[path]
         if not more and (lo, hi) == (0, p.rows):
             start = c * p.rows - requests[k][1]

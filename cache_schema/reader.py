@@ -91,7 +91,9 @@ class CacheReader:
             if name != "loss_mask" or self.manifest.writes_empty_chunks:
                 grid = [range(-(-s // c)) for s, c in zip(arr.shape, arr.chunks)]
                 chunk_files.update({f"{name}/{arr.metadata.encode_chunk_key(idx)}": name for idx in product(*grid)})
-        absent = self.loc.absent(list(chunk_files), SHARDS_DIR, shard)
+        limit = {name: chunks.max_chunk_bytes(int(np.prod(arr.chunks)) * arr.dtype.itemsize)
+                 for name, arr in arrays.items()}
+        absent = self.loc.absent({f: limit[name] for f, name in chunk_files.items()}, SHARDS_DIR, shard)
         if absent:
             name = chunk_files[absent[0]]
             count = sum(chunk_files[a] == name for a in absent)

@@ -115,17 +115,27 @@ class Location:
         base = self.path(*parts)
         return {p[len(base) + 1:] for p in self.fs.find(base)} if self.fs.exists(base) else set()
 
-    def absent(self, names: list[str], *parts: str) -> list[str]:
-        """Those of `names` (paths below the folder `parts`) that do not exist.
+    def absent(self, limits: dict[str, int], *parts: str) -> list[str]:
+        """Those of the files `limits` names (paths below the folder `parts`) that do not exist; a local one that
+        is not a regular file or holds more than its limit in bytes is refused here, before any read of it.
 
         A local disk answers one stat per file (bench: 3x faster than walking zarr's one-folder-per-chunk
         tree); an object store answers one listing, instead of a request per file.
         """
-        if self.local:
-            base = self.path(*parts)
-            return [n for n in names if not os.path.exists(f"{base}/{n}")]
-        present = self.files_under(*parts)
-        return [n for n in names if n not in present]
+        if not self.local:
+            present = self.files_under(*parts)
+            return [n for n in limits if n not in present]
+        base, missing = self.path(*parts), []
+        for name, limit in limits.items():
+            try:
+                st = os.stat(f"{base}/{name}")
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                raise CacheCorruptionError(f"{self.where(*parts, name)}: not a regular file of at most {limit} "
+                                           "bytes, as a chunk is")
+        return missing
 
     def write_json_atomic(self, obj, *parts: str) -> None:
         self.write_bytes_atomic(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)

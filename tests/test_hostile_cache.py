@@ -270,3 +270,17 @@ def test_inspect_answers_each_mistake_with_one_line(cache, tmp_path, capsys, mis
 def test_an_unknown_url_scheme_is_a_cache_error():
     with pytest.raises(CacheError, match="^foo://x: no storage for this URL"):
         CacheReader("foo://x")
+
+
+@pytest.mark.parametrize("make", [endless, huge], ids=["link to /dev/zero", "16 GiB"])
+def test_a_chunk_file_no_chunk_could_be_is_refused_before_it_is_read(cache, tmp_path, make):
+    """Checked when the shard is opened (one stat per chunk file, as the presence check already made), so zarr's
+    reads (verify) and the direct chunk reads (training) never start on it."""
+    folder = tmp_path / "cache" / "shards" / "shard-000" / "hidden"
+    chunk = next(p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    make(chunk)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHILD, cache], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"CacheCorruptionError: {chunk}: not a regular file of at most")
