@@ -108,7 +108,12 @@ class Prompts:
 
     def encode(self, prompts: list[TurnPrompt]) -> dict:
         """Processor inputs of `prompts` with left padding (vision targets: images preprocessed)."""
-        return encode(self.target, [p.text for p in prompts], [p.images for p in prompts])
+        texts = [p.text for p in prompts]
+        if self.target.is_vision:
+            images = [img for p in prompts for img in p.images]
+            return dict(self.target.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                              return_tensors="pt"))
+        return dict(self.target.processor(texts, padding=True, padding_side="left", return_tensors="pt"))
 
     def check_chars(self, text: str) -> None:
         """Refuse a text that cannot fit max_length tokens before tokenising it: a token spans at most
@@ -127,12 +132,3 @@ def images_in(messages: list[dict], conv: Conversation) -> list:
     """The conversation's images that `messages` (a prefix of it) refer to, in order."""
     n = sum(p["type"] == "image" for m in messages for p in m["content"])
     return conv.images[:n]
-
-
-def encode(target: Target, texts: list[str], images: list[list]) -> dict:
-    """Tokenise (and for vision targets, preprocess images) with left padding."""
-    if target.is_vision:
-        flat = [img for imgs in images for img in imgs]
-        return dict(target.processor(text=texts, images=flat or None, padding=True, padding_side="left",
-                                     return_tensors="pt"))
-    return dict(target.processor(texts, padding=True, padding_side="left", return_tensors="pt"))

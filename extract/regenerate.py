@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from extract.formats import Conversation, SkipSample, as_skip, guarded, machine_error
-from extract.prompts import Prompts, TurnPrompt, encode, images_in
+from extract.prompts import Prompts, TurnPrompt, images_in
 from extract.spans import END, answer_char_spans, answer_token_spans
 from extract.target import SUPPRESSED_TOKENS, Target
 
@@ -83,7 +83,8 @@ def regenerate_turns(prompts: Prompts, dialogs: list[Dialog]) -> None:
             continue
 
         def step(ds, batch=batch):
-            encoded = batch if len(ds) == len(active) else prompts.encode([d.prompt for d in ds])
+            # The batch already encoded serves the whole set; a subset (isolating a failure) is encoded anew.
+            encoded = batch if ds is active else prompts.encode([d.prompt for d in ds])
             return list(zip(*generate(prompts.target, encoded, prompts.settings.max_new_tokens)))
 
         answers = _batched(active, step, "generation_failed")
@@ -137,7 +138,7 @@ def _assemble(prompts: Prompts, context: str, images: list, answer_ids: list[int
               earlier_turns: int) -> tuple[dict, list]:
     """`context` (the chat text up to where the model starts writing) encoded, then `answer_ids` appended; spans
     of the earlier assistant turns found in `context` by characters, and of the appended answer."""
-    inputs = encode(prompts.target, [context], [images])
+    inputs = prompts.encode([TurnPrompt(context, images)])
     ids = inputs["input_ids"][0].tolist()
     history = answer_token_spans(prompts.target.tokenizer, context, ids, prompts.suffix)
     if len(history) != earlier_turns or any(a == b for a, b in history):

@@ -110,6 +110,7 @@ class ShardProgress:
 
     def __init__(self, writer: CacheWriter, shards: int, rank: int, enabled: bool):
         self.shards, self.done_shards, self.read, self.read_at_shard_end = shards, 0, 0, 0
+        self.skipped = 0  # skips of the current shard already counted in `read`
         committed = sorted(writer.committed())[:8] if enabled else []
         sizes = [conversations_in(writer.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER, schema=MARKER_SCHEMA))
                  for name in committed]
@@ -123,12 +124,17 @@ class ShardProgress:
             return None
         return max(self.read, round(per_shard * self.shards))
 
-    def update(self, conversations: int, **postfix) -> None:
-        self.read += conversations
-        self.bar.update(conversations)
-        self.bar.set_postfix(shard=f"{self.done_shards + 1}/{self.shards}", **postfix)
+    def update(self, kept: int, skipped: int, **postfix) -> None:
+        """`kept` more conversations cached; `skipped`: the shard's skips so far."""
+        read = kept + skipped - self.skipped
+        self.read, self.skipped = self.read + read, skipped
+        self.bar.update(read)
+        self.bar.set_postfix(shard=f"{self.done_shards + 1}/{self.shards}", skipped=skipped, **postfix)
 
-    def shard_done(self) -> None:
+    def shard_done(self, skipped: int) -> None:
+        """The shard is committed, `skipped` its skips in all (some may follow its last batch)."""
+        self.update(0, skipped)
+        self.skipped = 0
         self.done_shards += 1
         self.read_at_shard_end = self.read
         self.bar.total = self._estimate()
@@ -139,7 +145,7 @@ class ShardProgress:
 
 
 def conversations_in(marker: dict) -> int:
-    return int(marker.get("samples", 0)) + sum(int(v) for v in (marker.get("skipped") or {}).values())
+    return marker["samples"] + sum((marker.get("skipped") or {}).values())
 
 
 def run(cfg: ExtractConfig) -> dict:
@@ -210,7 +216,6 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
         name = output_shard_name(url)
         shard = writer.shard(name)
         skips, turns = Counter(), Counter()
-        skipped_before = 0
         try:
             for batch in length_sorted_batches(conversations(url, cfg.data.format, on_skip),
                                                cfg.generation.batch_size, cfg.generation.sort_window):
@@ -229,20 +234,18 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                     totals["captured_tokens"] += len(sample)
                     totals["generated_tokens"] += result.generated_tokens
                 elapsed = time.perf_counter() - start
-                conversations_read = kept + sum(skips.values()) - skipped_before
-                skipped_before = sum(skips.values())
-                bar.update(conversations_read, gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
-                           cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}", skipped=skipped_before)
+                bar.update(kept, sum(skips.values()), gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
+                           cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}")
         except IncompleteShard as e:
             if cfg.strict:
                 raise ValueError(f"{e} (strict=true stops at the first broken input shard)") from e
             log.warning("%s; its output %s is not committed, a re-run retries it", e, name)
             writer.loc.remove_shard(name)
             incomplete[url] = f"{e.reason}: {e.detail}"
+            bar.shard_done(sum(skips.values()))  # read, if not committed: it counts for the estimate
             continue
         shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
-        bar.update(sum(skips.values()) - skipped_before)  # skips after the shard's last batch
-        bar.shard_done()
+        bar.shard_done(sum(skips.values()))
     bar.close()
     return incomplete
 
