@@ -11,12 +11,13 @@ DATA ?=
 OUT ?=
 ARGS ?=
 CKPT ?=
+TARGET ?=
 FORMAT ?= speculators
 PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup setup-vllm test test-all demo inspect extract train eval export bench clean
+.PHONY: help setup setup-vllm test test-all demo inspect extract train eval export serve-check bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,7 +61,7 @@ test: setup setup-vllm ## run the fast test suite (CPU)
 test-all: setup ## run every CPU test, slow ones included
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-demo: setup ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
+demo: setup setup-vllm ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
 	$(PY) -m tools.demo --work $(WORK)/demo
 
 inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
@@ -81,6 +82,10 @@ eval: setup ## offline tau replayed from the cache: make eval CKPT=runs/x/checkp
 export: setup ## ship a drafter to vLLM/SGLang: make export CKPT=runs/x FORMAT=speculators|dflash OUT=exports/x
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=run_or_checkpoint_dir FORMAT=speculators|dflash OUT=dir [ARGS='--dtype float32']"; exit 2; }
 	$(PY) -m train.export $(CKPT) --format $(FORMAT) --out $(OUT) $(ARGS)
+
+serve-check: setup setup-vllm ## the drafter served by vLLM beside our replay: make serve-check TARGET=model CKPT=runs/x DATA='shards/heldout-*.tar' [OUT=dir]
+	@test -n "$(TARGET)" -a -n "$(CKPT)" -a -n "$(DATA)" || { echo "usage: make serve-check TARGET=model_dir CKPT=run_checkpoint_or_export DATA='shards/heldout-{000000..000001}.tar' [OUT=dir ARGS='--max-prompts 100']"; exit 2; }
+	$(PY) -m tools.serve_check --target $(TARGET) --drafter $(CKPT) --shards '$(DATA)' $(if $(OUT),--out $(OUT)) $(ARGS)
 
 bench: setup ## run the CPU benchmarks under bench/ (results go in BENCHMARKS.md)
 	$(PY) bench/cache_bench.py

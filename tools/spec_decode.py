@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,22 @@ def file_conversations(path: Path):
             raise ValueError(f"{path}: sample {i}: {skip}") from skip
 
 
+def prompt_batches(renderer: Prompts, convs, max_prompts: int | None, on_skip):
+    """(conversation, encoded last-turn prompt) pairs, at most `max_prompts`; a conversation extraction would skip
+    goes to `on_skip`."""
+    taken = 0
+    for conv in convs:
+        if max_prompts is not None and taken >= max_prompts:
+            return
+        try:
+            batch = last_turn_prompt(renderer, conv)
+        except SkipSample as skip:
+            on_skip(conv.key, skip)
+            continue
+        taken += 1
+        yield conv, batch
+
+
 def check_target(target: Target, manifest: Manifest, where: str) -> None:
     want = {"model_type": manifest.target.model_type, "fingerprint": manifest.target.fingerprint}
     have = {"model_type": target.family, "fingerprint": config_fingerprint(target.model.config)}
@@ -111,40 +128,59 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
-        vp: Path | None = None, k: int = 4, max_new_tokens: int | None = None, max_prompts: int | None = None,
-        out: Path | None = None, dtype: str | None = None, device: str | None = None, progress: bool = True) -> dict:
-    if (shards is None) == (prompts is None):
-        raise ValueError("give exactly one of --shards and --prompts")
+@dataclass
+class Decoding:
+    """A drafter ready to decode the prompts its cache was extracted with: the checkpoints, the cache's
+    generation settings, the answer limit, the loaded target, the decoder and the prompt renderer."""
+
+    drafter: Path
+    vp: Path | None
+    settings: GenerationSettings
+    limit: int
+    dtype: str
+    target: Target
+    spec: SpeculativeDecoder
+    renderer: Prompts
+
+
+def prepare(target_path: str, drafter: Path, vp: Path | None = None, k: int = 4, max_new_tokens: int | None = None,
+            dtype: str | None = None, device: str | None = None) -> Decoding:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # A run directory stands for its latest checkpoint, as in train.evaluate and train.export.
     info = read_checkpoint(drafter)
-    drafter = info.path
     vp = read_checkpoint(vp).path if vp is not None else None
     generation = info.manifest.generation
     # The prompts the drafter was trained on: the settings its cache was extracted with.
     settings = GenerationSettings.from_manifest(generation)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={max_new_tokens} must be >= 1")
+    settings.check()
+    dtype = dtype or generation.get("target_dtype", "bfloat16")
+    target = load_target(target_path, dtype=dtype, device=device)
+    spec = build(target, Path(info.path), Path(vp) if vp else None, k, device)
     # Earlier turns are regenerated under the cache's own limit, as extraction did; the override only bounds
     # the answer decoded here.
-    limit = max_new_tokens or settings.max_new_tokens
-    settings.check()
-    target = load_target(target_path, dtype=dtype or generation.get("target_dtype", "bfloat16"), device=device)
-    spec = build(target, Path(drafter), Path(vp) if vp else None, k, device)
-    renderer = Prompts(target, settings)
+    return Decoding(Path(info.path), vp, settings, max_new_tokens or settings.max_new_tokens, dtype, target, spec,
+                    Prompts(target, settings))
+
+
+def source_conversations(shards: str | None, prompts: Path | None, on_skip):
+    """The conversations of exactly one of --shards and --prompts."""
+    if (shards is None) == (prompts is None):
+        raise ValueError("give exactly one of --shards and --prompts")
+    return shard_conversations(shards, on_skip) if shards else file_conversations(prompts)
+
+
+def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
+        vp: Path | None = None, k: int = 4, max_new_tokens: int | None = None, max_prompts: int | None = None,
+        out: Path | None = None, dtype: str | None = None, device: str | None = None, progress: bool = True) -> dict:
     rows, skipped = [], Counter()
     on_skip = counting_skips(skipped)
-    convs = shard_conversations(shards, on_skip) if shards else file_conversations(prompts)
+    convs = source_conversations(shards, prompts, on_skip)  # lazy: a wrong pair is refused before any loading
+    d = prepare(target_path, drafter, vp, k, max_new_tokens, dtype, device)
+    target, spec, limit, device = d.target, d.spec, d.limit, d.target.device
     bar = tqdm(total=max_prompts, unit="prompt", desc="spec_decode", disable=not progress)
-    for conv in convs:
-        if max_prompts is not None and len(rows) >= max_prompts:
-            break
-        try:
-            batch = last_turn_prompt(renderer, conv)
-        except SkipSample as skip:
-            on_skip(conv.key, skip)
-            continue
+    for conv, batch in prompt_batches(d.renderer, convs, max_prompts, on_skip):
         _sync(device)
         t0 = time.perf_counter()
         (reference,), _ = generate(target, batch, limit)
@@ -162,7 +198,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     if not rows:
         raise ValueError(f"no prompt to decode in {shards or prompts} (skipped: {dict(skipped) or 'none'})")
     report = decode_figures(rows, spec.dflash.block)
-    report.update({"target": target_path, "drafter": str(drafter), "vp": str(vp) if vp else None,
+    report.update({"target": target_path, "drafter": str(d.drafter), "vp": str(d.vp) if d.vp else None,
                    "k": k if vp else None, "batch": "one prompt at a time",
                    "d2sd_verification": "branches one after another" if vp else None,
                    "max_new_tokens": limit, "skipped": dict(skipped), "prompts": rows})

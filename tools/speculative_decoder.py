@@ -51,6 +51,8 @@ def may_beat(draft: torch.Tensor, a: int, greedy: torch.Tensor) -> bool:
 class Decoded:
     tokens: list[int]  # generated ids, the first from the prefill
     accepted: list[int] = field(default_factory=list)  # a per cycle
+    # Draft tokens equal to the target's per cycle, also past the end of the answer: what vLLM's counters count.
+    matched: list[int] = field(default_factory=list)
     committed: list[int] = field(default_factory=list)  # tokens committed per cycle
     forwards: int = 0  # target forwards after the prefill
     seconds: float = 0.0
@@ -183,6 +185,7 @@ class SpeculativeDecoder:
             stop = next((i + 1 for i, t in enumerate(commit) if t in eos), len(commit))
             commit = commit[:min(stop, max_new_tokens - len(out.tokens))]
             out.accepted.append(min(a, len(commit)))
+            out.matched.append(a)
             out.committed.append(len(commit))
             out.tokens += commit
             new_hidden, new_at = hidden[:, :a + 1], n - 1

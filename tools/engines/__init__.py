@@ -9,6 +9,24 @@ from pathlib import Path
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
+# The drafter positions each engine's model runner feeds on an M-RoPE target, read from vLLM 0.32's source: the V1
+# runner passes axis 0 of the target's M-RoPE ids, the V2 runner (the default where Triton exists) token indices.
+# On text prompts the two agree. (SGLang, when added, feeds token indices.)
+RUNNER_POSITIONS = {("vllm", "v1"): "mrope_axis0", ("vllm", "v2"): "sequential"}
+
+
+def engine_prompt(ids: list[int], images: list, image_token_id: int | None, stem: Path) -> dict:
+    """A rendered prompt as the engine script takes it: each image's run of placeholders collapsed to one (vLLM
+    expands it again with its own processor) and the images written to `folder` as PNG (lossless: the engine
+    reads the pixels extraction saw) as STEM-0.png, STEM-1.png, ..."""
+    kept = [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
+    paths = [f"{stem}-{j}.png" for j in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path, format="PNG")
+    if kept.count(image_token_id) != len(paths):
+        raise ValueError(f"prompt has {kept.count(image_token_id)} image slots but {len(paths)} images")
+    return {"ids": kept, "images": paths}
+
 
 def vllm_python() -> Path | None:
     """The vLLM interpreter: $DFLASH_VLLM_PYTHON, else the one `make setup-vllm` builds; None if neither."""
@@ -35,3 +53,7 @@ def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -
         if proc.returncode != 0 or not res.exists():
             raise RuntimeError(f"vLLM failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         return json.loads(res.read_text())
+
+
+# Each engine's runner: (request, its interpreter or None for the default) -> result, as vllm_generate.py defines.
+ENGINES = {"vllm": run_vllm}

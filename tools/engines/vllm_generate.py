@@ -2,16 +2,21 @@
 
     .venv-vllm/bin/python tools/engines/vllm_generate.py REQUEST.json RESULT.json
 
-REQUEST: {"model": DIR, "prompts": [[token ids], ...], "max_tokens": N, "stop_token_ids": [...],
-          "banned_token_ids": [...], "dtype": "float32", "max_model_len": N, "memory_fraction": 0.08,
-          "speculative_config": {...} | null}
-RESULT:  {"outputs": [[token ids], ...], "seconds": generation wall time, "vllm": version,
-          "spec_decode": {num_drafts, num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos}}
+REQUEST: {"model": DIR, "prompts": [{"ids": [token ids], "images": [image files]}, ...], "max_tokens": N,
+          "stop_token_ids": [...], "banned_token_ids": [...], "dtype": "float32", "max_model_len": N,
+          "memory_fraction": 0.08, "runs": [{"name": "plain", "speculative_config": {...} | null}, ...]}
+RESULT:  {"version": vLLM's, "device": "cpu" | "cuda" | ..., "runner": "v1" | "v2",
+          "runs": {name: {"outputs": [[token ids], ...], "seconds": generation wall time,
+                          "spec_decode": {num_drafts, num_draft_tokens, num_accepted_tokens,
+                                          num_accepted_tokens_per_pos}}}}
 
-Prompts go in as token ids and come back as token ids, so nothing is re-tokenised on either side. The result is
-written under a temporary name and renamed, so a killed run leaves no half-written file.
+Prompts go in as token ids and come back as token ids, so nothing is re-tokenised on either side; a prompt with
+images carries one image placeholder per image, which vLLM expands itself. The runs share one interpreter, one
+after another, each with its own engine. The result is written under a temporary name and renamed, so a killed run
+leaves no half-written file.
 """
 
+import gc
 import json
 import os
 import sys
@@ -29,26 +34,50 @@ def spec_decode_metrics(llm) -> dict:
     return out
 
 
-def main(request_path: str, result_path: str) -> None:
-    import vllm
+def engine_prompt(prompt: dict) -> dict:
+    from PIL import Image
+
+    out = {"prompt_token_ids": prompt["ids"]}
+    if prompt.get("images"):
+        out["multi_modal_data"] = {"image": [Image.open(path) for path in prompt["images"]]}
+    return out
+
+
+def generate(request: dict, speculative_config: dict | None):
     from vllm import LLM, SamplingParams
 
-    request = json.loads(open(request_path).read())
+    images = max((len(p.get("images", [])) for p in request["prompts"]), default=0)
     llm = LLM(model=request["model"], dtype=request.get("dtype", "auto"),
               max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0, disable_log_stats=False,
               # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
               gpu_memory_utilization=request.get("memory_fraction", 0.08),
-              speculative_config=request.get("speculative_config"))
+              limit_mm_per_prompt={"image": images} if images else None, speculative_config=speculative_config)
     # Tokens extraction never lets the target write (image slots, turn headers), pushed out as its generate does
-    # (there -inf; an additive -100 here, which no real logit gap comes near).
-    banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])}
+    # (there -inf; an additive -100 here, which no real logit gap comes near). vLLM refuses logit_bias together
+    # with speculative decoding, so a speculative run goes without.
+    banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])} if speculative_config is None else {}
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
                             stop_token_ids=request.get("stop_token_ids") or None, detokenize=False,
                             logit_bias=banned or None)
+    prompts = [engine_prompt(p) for p in request["prompts"]]
     started = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params, use_tqdm=False)
-    result = {"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": time.perf_counter() - started,
-              "vllm": vllm.__version__, "spec_decode": spec_decode_metrics(llm)}
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    run = {"outputs": [list(o.outputs[0].token_ids) for o in outs], "seconds": time.perf_counter() - started,
+           "spec_decode": spec_decode_metrics(llm)}
+    runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
+    del llm
+    gc.collect()
+    return run, runner
+
+
+def main(request_path: str, result_path: str) -> None:
+    import vllm
+    from vllm.platforms import current_platform
+
+    request = json.loads(open(request_path).read())
+    result = {"version": vllm.__version__, "device": current_platform.device_type, "runs": {}}
+    for spec in request["runs"]:
+        result["runs"][spec["name"]], result["runner"] = generate(request, spec.get("speculative_config"))
     tmp = f"{result_path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(result, f)

@@ -1,0 +1,305 @@
+"""Acceptance where it is served: a serving engine runs the drafter on the prompts our figures come from, and
+the two are compared side by side, a gap larger than ties explain named with its likely cause.
+
+    python -m tools.serve_check --target PATH --drafter (RUN | CKPT | EXPORT) (--shards SPEC | --prompts FILE.json)
+        [--engine vllm] [--engine-python PATH] [--max-new-tokens N] [--max-prompts N] [--out DIR] [--dtype D]
+
+The prompts are the ones `tools.spec_decode` builds (the cache's chat template, system prompt and thinking
+switch, images, earlier turns regenerated). The engine runs in its own interpreter, fed token ids and image files:
+greedy without speculation, then with the drafter's export (the one given, or a `speculators` export written from
+the checkpoint). Our side decodes every prompt with transformers' `generate` and with the reference speculative
+decoder, at the position source the drafter was trained with and at the one the engine's model runner feeds.
+Prints a table and writes serve_check.json and serve_check.png (acceptance per draft position) to --out.
+
+Two definitions of acceptance are printed for both sides: the engine's, 1 + accepted / drafts, which counts draft
+tokens matched past the end of an answer, and ours, tau = committed tokens / cycles.
+"""
+
+import argparse
+import json
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cache_schema import CacheError  # noqa: E402
+from extract.prompts import images_in  # noqa: E402
+from extract.regenerate import generate  # noqa: E402
+from extract.target import SUPPRESSED_TOKENS  # noqa: E402
+from tools.engines import ENGINES, RUNNER_POSITIONS, engine_prompt  # noqa: E402
+from tools.spec_decode import counting_skips, prepare, prompt_batches, source_conversations  # noqa: E402
+from train.export import export, is_our_export  # noqa: E402
+from train.export_formats import FORMATS  # noqa: E402
+
+log = logging.getLogger("serve_check")
+
+# Both sides compute target and drafter with other kernels, so a near-tie can flip one draft token and change one
+# cycle's count: counts within this share of the drafts (at least one) are ties, not a gap.
+TIE_SHARE = 0.02
+
+
+def resolve_drafter(path: Path) -> tuple[Path, Path | None]:
+    """(the drafter's checkpoint or run directory, its export or None). An export names its source checkpoint,
+    which holds the cache's generation settings and the weights our side decodes with."""
+    path = Path(path)
+    fmt = next((f for f in FORMATS if is_our_export(path, f)), None)
+    if fmt is None:
+        return path, None
+    source = json.loads((path / "config.json").read_text())["dflash_offline"].get("source_checkpoint")
+    if not source or not Path(source).is_dir():
+        raise ValueError(f"export {path} names source checkpoint {source!r}, which is not here: pass the run "
+                         "directory or checkpoint it was exported from")
+    return Path(source), path
+
+
+def our_figures(decoded: list, block: int, seconds: float) -> dict:
+    """Acceptance of our decoder's cycles in both definitions, per draft position, and tokens/s."""
+    matched = [a for d in decoded for a in d.matched]
+    cycles, tokens = len(matched), sum(len(d.tokens) for d in decoded)
+    committed = sum(sum(d.committed) for d in decoded)
+    return {"drafts": cycles, "accepted": sum(matched),
+            "acceptance_length": 1 + sum(matched) / cycles if cycles else None,
+            "tau": committed / cycles if cycles else None,
+            "accept_per_position": [sum(a >= k for a in matched) / cycles if cycles else None for k in range(1, block)],
+            "tokens_per_s": tokens / seconds if seconds else None}
+
+
+def engine_figures(run: dict) -> dict:
+    """The same figures from the engine's own counters (tau: its output tokens after the first, per draft)."""
+    sd, outputs = run["spec_decode"], run["outputs"]
+    drafts, accepted = sd.get("num_drafts", 0), sd.get("num_accepted_tokens", 0)
+    tokens = sum(map(len, outputs))
+    return {"drafts": drafts, "accepted": accepted, "acceptance_length": 1 + accepted / drafts if drafts else None,
+            "tau": (tokens - len(outputs)) / drafts if drafts else None,
+            "accept_per_position": [n / drafts if drafts else None for n in sd.get("num_accepted_tokens_per_pos", [])],
+            "tokens_per_s": tokens / run["seconds"] if run["seconds"] else None}
+
+
+def agrees(a: dict, b: dict) -> bool:
+    """Whether two sides' draft and accepted counts differ by no more than ties explain."""
+    slack = max(1, round(TIE_SHARE * max(a["drafts"], b["drafts"])))
+    return abs(a["drafts"] - b["drafts"]) <= slack and abs(a["accepted"] - b["accepted"]) <= slack
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def diagnose(report: dict) -> list[dict]:
+    """The likely causes of a gap between the engine's acceptance and our replay, most basic first, each
+    {"cause": a short name, "detail": what was measured and what to do}."""
+    causes = []
+
+    def cause(name: str, detail: str) -> None:
+        causes.append({"cause": name, "detail": detail})
+
+    ours, runner_side, engine = report["ours"], report["ours_at_runner_positions"], report["engine"]
+    differs = [p for p in report["prompts"] if p["engine_greedy"] != p["reference"]]
+    if differs:
+        p = differs[0]
+        cause("prompts or target differ",
+              f"the engine's own greedy answers differ from transformers' on {len(differs)} of "
+              f"{len(report['prompts'])} prompts (first: {p['key']} at answer token "
+              f"{first_difference(p['engine_greedy'], p['reference'])}): it is given or computes other contexts "
+              "than the cache holds (chat template, system prompt, thinking switch, dtype, kernels), so the drafter "
+              "is fed states it was not trained on")
+    broken = [p["key"] for p in report["prompts"] if p["engine_speculative"] != p["engine_greedy"]]
+    if broken:
+        cause("engine verification",
+              f"speculative decoding changed the engine's output on {len(broken)} prompts ({broken[0]} first): the "
+              "engine's verification is not lossless, a defect of the engine, not the drafter")
+    trained, fed = report["position_source"], report["runner_position_source"]
+    if trained != fed and not agrees(ours, runner_side):
+        cause("position source",
+              f"{report['engine_name']}'s {report['runner']} runner feeds the drafter {fed} "
+              f"positions, it was trained with {trained}; at {fed} positions our replay gives acceptance length "
+              f"{runner_side['acceptance_length']:.3f}, as trained {ours['acceptance_length']:.3f} (they differ on "
+              "image prompts only); serve with the runner that feeds what it was trained with, or retrain with "
+              f"drafter.position_source={fed}")
+    if not agrees(engine, runner_side):
+        layers = report["drafter_layers"]
+        if report["engine_name"] == "vllm" and report["engine_device"] == "cpu" and layers > 1:
+            cause("vLLM CPU rms_norm defect",
+                  f"vLLM's CPU rms_norm applies the first layer's k_norm weight to all {layers} drafter layers "
+                  "(docs/vllm_cpu_defects.md): layers 1.. are computed otherwise than trained; a one-layer drafter is "
+                  "not affected")
+        else:
+            cause("unexplained",
+                  f"the engine accepts {engine['accepted']} of {engine['drafts']} drafts, our replay at "
+                  f"its positions {runner_side['accepted']} of {runner_side['drafts']}; compare the export's "
+                  "target_layer_ids with the cache's, the target revision the engine loads, and the engine version")
+    return causes
+
+
+def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
+        engine: str = "vllm", engine_python: Path | None = None, max_new_tokens: int | None = None,
+        max_prompts: int | None = None, out: Path | None = None, dtype: str | None = None,
+        progress: bool = True) -> dict:
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    skipped = Counter()
+    on_skip = counting_skips(skipped)
+    convs = source_conversations(shards, prompts, on_skip)
+    checkpoint, served = resolve_drafter(drafter)
+    d = prepare(target_path, checkpoint, max_new_tokens=max_new_tokens, dtype=dtype, device="cpu")
+    target, limit, block = d.target, d.limit, d.spec.dflash.block
+    items = list(prompt_batches(d.renderer, convs, max_prompts, on_skip))
+    if not items:
+        raise ValueError(f"no prompt to decode in {shards or prompts} (skipped: {dict(skipped) or 'none'})")
+    with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
+        if served is None:
+            served = export(d.drafter, "speculators", Path(tmp) / "export",
+                            dtype=d.dtype if d.dtype in ("float32", "bfloat16") else "bfloat16")
+        image_id = target.token_id("<|image_pad|>")
+        request = {"model": target_path, "dtype": d.dtype, "max_tokens": limit, "stop_token_ids": target.eos_ids,
+                   "banned_token_ids": [t for t in map(target.token_id, SUPPRESSED_TOKENS) if t is not None],
+                   "max_model_len": max(b["input_ids"].shape[1] for _, b in items) + limit + block + 16,
+                   "prompts": [engine_prompt(b["input_ids"][0].tolist(),
+                                             images_in(c.messages[:c.assistant_turns[-1]], c), image_id,
+                                             Path(tmp) / f"prompt-{i}") for i, (c, b) in enumerate(items)],
+                   "runs": [{"name": "greedy"},
+                            {"name": "speculative", "speculative_config": {
+                                "method": "dflash", "model": str(served), "num_speculative_tokens": block - 1}}]}
+        print(f"serve_check: {engine} serves {len(items)} prompts, greedy then speculative (its own interpreter; "
+              "its start-up takes a while)", flush=True)
+        result = ENGINES[engine](request, engine_python)
+    runner = result["runner"]
+    fed = RUNNER_POSITIONS[engine, runner]
+    sides = {"ours": d.spec}
+    if fed != d.spec.position_source and target.is_vision:  # on text the two sources are the same positions
+        sides["ours_at_runner_positions"] = replace(d.spec, position_source=fed)
+    decoded = {name: [] for name in sides}
+    seconds = dict.fromkeys(sides, 0.0)
+    rows = []
+    for i, (conv, batch) in enumerate(tqdm(items, desc="ours: generate + speculative", unit="prompt",
+                                           disable=not progress)):
+        (reference,), _ = generate(target, batch, limit)
+        for name, spec in sides.items():
+            decoded[name].append(spec.decode(batch, limit))
+            seconds[name] += decoded[name][-1].seconds
+        rows.append({"key": conv.key, "images": len(conv.images), "reference": reference,
+                     "ours": decoded["ours"][-1].tokens,
+                     "engine_greedy": result["runs"]["greedy"]["outputs"][i],
+                     "engine_speculative": result["runs"]["speculative"]["outputs"][i]})
+    figures = {name: our_figures(decoded[name], block, seconds[name]) for name in sides}
+    # On text, or where the runner feeds what the drafter was trained with, the two are the same decoding.
+    figures.setdefault("ours_at_runner_positions", figures["ours"])
+    report = {"target": target_path, "drafter": str(d.drafter), "export": str(served) if drafter != checkpoint
+              else "speculators, written for this check", "engine_name": engine, "engine_version": result["version"],
+              "engine_device": result["device"], "runner": runner, "runner_position_source": fed,
+              "position_source": d.spec.position_source, "drafter_layers": len(d.spec.dflash.model.layers),
+              "block": block, "max_new_tokens": limit, "samples": len(rows), "skipped": dict(skipped),
+              "tie_share": TIE_SHARE,
+              "engine": engine_figures(result["runs"]["speculative"]),
+              "engine_greedy_tokens_per_s": sum(map(len, result["runs"]["greedy"]["outputs"]))
+              / result["runs"]["greedy"]["seconds"],
+              **figures,
+              "lossless": {
+                  "engine_vs_its_greedy": sum(r["engine_speculative"] == r["engine_greedy"] for r in rows),
+                  "engine_vs_transformers": sum(r["engine_speculative"] == r["reference"] for r in rows),
+                  "engine_greedy_vs_transformers": sum(r["engine_greedy"] == r["reference"] for r in rows),
+                  "ours_vs_transformers": sum(r["ours"] == r["reference"] for r in rows)},
+              "prompts": rows}
+    report["agrees"] = agrees(report["engine"], report["ours"])
+    report["causes"] = [] if report["agrees"] else diagnose(report)
+    print(table(report))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serve_check.json").write_text(json.dumps(report, indent=2))
+        plot(report, out / "serve_check.png")
+    return report
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table(report: dict) -> str:
+    n, lossless = report["samples"], report["lossless"]
+    cols = [("engine", report["engine"]), (f"ours ({report['position_source']})", report["ours"]),
+            (f"ours ({report['runner_position_source']})", report["ours_at_runner_positions"])]
+    lines = [f"serve check: {report['engine_name']} {report['engine_version']} ({report['engine_device']}, "
+             f"{report['runner']} runner: feeds {report['runner_position_source']} positions), {n} prompts, "
+             f"block {report['block']}, drafter trained with {report['position_source']} positions",
+             f"  {'':28}" + "".join(f"{name:>22}" for name, _ in cols)]
+    for label, key, fmt in (("acceptance length 1+acc/drafts", "acceptance_length", ".3f"),
+                            ("tau (committed per cycle)", "tau", ".3f"), ("drafts", "drafts", "d"),
+                            ("accepted draft tokens", "accepted", "d"),
+                            ("tokens/s speculative", "tokens_per_s", ".1f")):
+        lines.append(f"  {label:28}" + "".join(f"{_num(f[key], fmt):>22}" for _, f in cols))
+    lines.append(f"  {'accepted per position':28}" + "".join(
+        f"{' '.join(_num(p, '.2f') for p in f['accept_per_position']):>22}" for _, f in cols))
+    lines += [f"  engine greedy tokens/s      {report['engine_greedy_tokens_per_s']:.1f}",
+              f"  lossless                    engine speculative = its greedy {lossless['engine_vs_its_greedy']}/{n}, "
+              f"= transformers {lossless['engine_vs_transformers']}/{n}; engine greedy = transformers "
+              f"{lossless['engine_greedy_vs_transformers']}/{n}; ours = transformers "
+              f"{lossless['ours_vs_transformers']}/{n}"]
+    if report["agrees"]:
+        lines.append(f"  verdict                     the engine accepts what our replay predicts (within ties: "
+                     f"{report['tie_share']:.0%} of the drafts)")
+    else:
+        lines.append("  verdict                     GAP: the engine accepts otherwise than our replay predicts; "
+                     "likely causes:")
+        lines += [f"    - {c['cause']}: {c['detail']}" for c in report["causes"]]
+    if report["skipped"]:
+        lines.append("  skipped                     " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Acceptance per draft position: the engine beside our replay at both position sources."""
+    sides = [("engine", report["engine"]), (f"ours, {report['position_source']} (as trained)", report["ours"]),
+             (f"ours, {report['runner_position_source']} (runner)", report["ours_at_runner_positions"])]
+    k = range(1, report["block"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(sides)
+    for j, (label, f) in enumerate(sides):
+        ax.bar([x + (j - 1) * width for x in k], [p or 0 for p in f["accept_per_position"]], width,
+               label=f"{label}: {_num(f['acceptance_length'])}")
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("P(accepted)")
+    ax.set_xticks(list(k))
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['engine_name']} {report['runner']} runner vs our replay, {report['samples']} prompts")
+    ax.legend(title="acceptance length 1 + accepted/drafts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="the target model directory, as the engine loads it")
+    p.add_argument("--drafter", required=True, type=Path, help="a run directory, a checkpoint, or an export")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
+    src.add_argument("--prompts", type=Path, help="a JSON list of samples, as tools.spec_decode takes")
+    p.add_argument("--engine", default="vllm", choices=sorted(ENGINES))
+    p.add_argument("--engine-python", type=Path,
+                   help="the engine's interpreter (default: $DFLASH_VLLM_PYTHON or .venv-vllm from make setup-vllm)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the cache's generation.max_new_tokens")
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--out", type=Path, default=Path("serve_check"), help="where serve_check.json and .png go")
+    p.add_argument("--dtype", help="the target's dtype on both sides (default: the one extraction used)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = run(args.target, args.drafter, args.shards, args.prompts, args.engine, args.engine_python,
+                 args.max_new_tokens, args.max_prompts, args.out, args.dtype)
+    if report["lossless"]["engine_vs_its_greedy"] != report["samples"]:
+        raise SystemExit("the engine's speculative output differs from its greedy output (see serve_check.json)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, CacheError, RuntimeError) as e:  # a user mistake, a bad cache, an engine that failed
+        raise SystemExit(f"tools.serve_check: {e}") from None
