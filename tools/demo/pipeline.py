@@ -17,8 +17,9 @@ from pathlib import Path
 
 from cache_schema import CacheReader
 from tools.demo import learned_target, scenes
+from tools.engines import vllm_python
 
-# Built by `python -m tools.demo.learned_target` (6000 steps, ~14 minutes on one thread) and committed, 3.1 MB, so that
+# Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB, so that
 # the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
 COMMITTED_TARGET = Path(__file__).parent / "assets" / "learned_target"
 # Sizes that keep the whole demo within about 15 minutes on 2 CPU cores (see BENCHMARKS.md).
@@ -28,6 +29,26 @@ DRAFTER_STEPS = 600
 DRAFTER_LR = 3e-3  # chosen on an earlier target at 150 steps (held-out tau 3.10; 2e-3: 2.71, 1e-3: 2.64), kept
 MAX_NEW_TOKENS = 96
 STEP_WIDTH = 56  # the console's stage column
+
+
+def serve_rows(served: dict | None) -> list[tuple[str, str]]:
+    """The demo table's rows of the serve check (tools/serve_check.py), or one saying why there are none."""
+    if served is None:
+        return [("vLLM (served)", "not run: no .venv-vllm (make setup-vllm)")]
+    e, n, lossless = served["engine"], served["samples"], served["lossless"]
+    return [
+        (f"vLLM {served['runner']} runner: acceptance 1+acc/drafts (ours)",
+         f"{e['acceptance_length']:.3f} ({served['ours']['acceptance_length']:.3f}; at its positions "
+         f"{served['ours_at_runner_positions']['acceptance_length']:.3f})"),
+        ("vLLM: tau, committed per cycle (ours)", f"{e['tau']:.3f} ({served['ours']['tau']:.3f})"),
+        ("vLLM lossless (speculative == its greedy == transformers)",
+         f"{'yes' if lossless['engine_vs_its_greedy'] == lossless['engine_vs_transformers'] == n else 'NO'} "
+         f"({lossless['engine_vs_its_greedy']}/{n}, {lossless['engine_vs_transformers']}/{n})"),
+        ("vLLM tokens/s, speculative / greedy (CPU build)",
+         f"{e['tokens_per_s']:.1f} / {served['engine_greedy_tokens_per_s']:.1f}"),
+        ("vLLM vs our replay", "agrees" if served["agrees"] else
+         "gap: " + "; ".join(c["cause"] for c in served["causes"])),
+    ]
 
 
 def run_steps(jobs: list[tuple[str, list]], env: dict, logs: Path, timings: dict) -> None:
@@ -62,7 +83,7 @@ def main() -> None:
     parser.add_argument("--target-dir", type=Path, default=COMMITTED_TARGET,
                         help="a learned target built by tools.demo.learned_target (default: the committed one)")
     parser.add_argument("--rebuild-target", action="store_true",
-                        help="build the learned target from its generator instead (about 14 CPU-minutes, once)")
+                        help="build the learned target from its generator instead (20-30 CPU-minutes, once)")
     args = parser.parse_args()
     work = args.work.resolve()
     py = sys.executable
@@ -132,6 +153,13 @@ def main() -> None:
     run(evaluate("dflash-fp8"), evaluate("dflash-human"))
     run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",
                              work / "export" / fmt]) for fmt in ("speculators", "dflash")])
+    # Where users end: the drafter served by vLLM (its CPU build, when `make setup-vllm` has made it) beside our replay.
+    served = None
+    if vllm_python() is not None:
+        run(("the DFlash drafter served by vLLM beside our replay", [
+            py, "-m", "tools.serve_check", "--target", model, "--drafter", runs["dflash"],
+            "--shards", spec["heldout"], "--out", work / "serve_check"]))
+        served = json.loads((work / "serve_check" / "serve_check.json").read_text())
     evals = {name: json.loads((work / "eval" / name / "eval.json").read_text())
              for name in ("dflash", "dflash-fp8", "dflash-human")}
     online = json.loads((online_dir / "spec_decode.json").read_text())
@@ -151,6 +179,7 @@ def main() -> None:
         ("tau D2SD offline (DFlash + VP, k=4)", f"{evals['dflash']['d2sd']['last_turn']['tau']:.3f}"),
         ("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
         ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
+        *serve_rows(served),
         ("cache bytes per token (bf16)", f"{cache_bytes / summary['tokens']:.0f}"),
         ("extraction time (train prompts, bf16, beside another)", f"{timings['extract cache']:.0f} s"),
         ("whole demo", f"{time.perf_counter() - started:.0f} s"),

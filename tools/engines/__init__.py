@@ -40,6 +40,8 @@ def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -
     python = python or vllm_python()
     if python is None:
         raise RuntimeError(f"no vLLM interpreter: run `make setup-vllm` or set DFLASH_VLLM_PYTHON ({VLLM_PYTHON})")
+    if not Path(python).is_file():
+        raise RuntimeError(f"vLLM interpreter {python} does not exist")
     script = Path(__file__).with_name("vllm_generate.py")
     with tempfile.TemporaryDirectory(prefix="vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
