@@ -72,7 +72,7 @@ extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.ta
 	$(LAUNCH) -m extract target=$(CONF) "data.shards='$(DATA)'" out=$(OUT) $(ARGS)
 
 train: setup ## stage two: make train CONF=qwen3vl30b CACHE=cache/qwen3vl30b [RUN=runs/x NGPU=8 ARGS='optim.lr=3e-4']
-	$(LAUNCH) -m train setup=$(CONF) data.cache=$(CACHE) $(if $(RUN),run_dir=$(RUN)) $(ARGS)
+	$(LAUNCH) -m train setup=$(CONF) $(if $(findstring data.caches,$(ARGS)),,data.cache=$(CACHE)) $(if $(RUN),run_dir=$(RUN)) $(ARGS)
 
 # CACHE only when given: by default a checkpoint is judged on the cache and eval shards it was trained with.
 eval: setup ## offline tau replayed from the cache: make eval CKPT=runs/x/checkpoints/step-N [CACHE=cache/x ARGS='--vp CKPT2']

@@ -20,12 +20,12 @@ def seeded(seed: int):
 
 
 def make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=300, hidden_dtype="bf16", chunk_tokens=64,
-                  compression="none", name="tiny-target") -> Manifest:
+                  compression="none", name="tiny-target", tokenizer="tok") -> Manifest:
     target = TargetInfo(name_or_path=name, model_type="qwen3", num_hidden_layers=8, hidden_size=hidden_size,
                         vocab_size=vocab, fingerprint=f"fp-{name}-{hidden_size}")
     return Manifest(target=target, target_layer_ids=list(layers),
                     storage=StorageInfo(hidden_dtype=hidden_dtype, chunk_tokens=chunk_tokens,
-                                        compression=compression), tokenizer_fingerprint="tok")
+                                        compression=compression), tokenizer_fingerprint=tokenizer)
 
 
 def make_sample(key: str, length: int, manifest: Manifest, seed: int) -> Sample:
@@ -39,8 +39,9 @@ def make_sample(key: str, length: int, manifest: Manifest, seed: int) -> Sample:
                   hidden_TLH=hidden.to(torch.bfloat16), meta={"num_image_tokens": int(rng.integers(0, 9))})
 
 
-def write_target_files(writer, tmp_path) -> dict:
-    """Random head tensors and a two-file tokenizer folder, written through the writer; returns the head."""
+def write_target_files(writer, tmp_path, vocab_json: str = '{"a": 0, "b": 1}') -> dict:
+    """Random head tensors and a two-file tokenizer folder (`vocab_json` its vocab.json), written through the writer;
+    returns the head."""
     m = writer.manifest
     v, h = m.target.vocab_size, m.target.hidden_size
     g = torch.Generator().manual_seed(0)  # a fixed head, so tests that train on it do not depend on test order
@@ -48,10 +49,34 @@ def write_target_files(writer, tmp_path) -> dict:
             "final_norm": torch.rand(h, generator=g)}
     tok = tmp_path / "tokenizer-src"
     (tok / "sub").mkdir(parents=True, exist_ok=True)
-    (tok / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (tok / "vocab.json").write_text(vocab_json)
     (tok / "sub" / "merges.txt").write_text("a b\n")
     writer.write_target_files(head, str(tok))
     return head
+
+
+def counting_cache(root: Path, stride: int = 1, vocab_json: str = '{"a": 0, "b": 1}', **manifest_kw) -> str:
+    """Two shards of six counting sequences (next token = this one + stride mod 8, so a few steps learn to draft
+    them), two supervised turns each, every other sample with image tokens; the url of the cache. `vocab_json` is
+    its tokenizer's vocab.json, the keywords go to `make_manifest`."""
+    from cache_schema import CacheWriter
+
+    url = str(root / "cache")
+    manifest = make_manifest(**{"hidden_size": 32, "layers": (1, 3, 5), "vocab": 64, **manifest_kw})
+    writer = CacheWriter(url, manifest)
+    write_target_files(writer, root, vocab_json)
+    for s in range(2):
+        shard = writer.shard(f"shard-{s:03d}")
+        for i in range(6):
+            sample = make_sample(f"s{s}{i}", 48 + 8 * i, manifest, seed=10 * s + i)
+            n = len(sample)
+            sample.input_ids = ((np.arange(n) * stride + i) % 8).astype(np.int32)
+            sample.loss_mask = np.zeros(n, dtype=bool)
+            sample.loss_mask[4:20] = sample.loss_mask[26:] = True
+            sample.meta = {"num_image_tokens": 12 * (i % 2)}
+            shard.add(sample)
+        shard.commit()
+    return url
 
 
 def extract_config(out, shards, target_dir, **kw):

@@ -9,8 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cache_schema import CacheWriter
-from tests.helpers import make_manifest, make_sample, seeded, write_target_files
+from tests.helpers import counting_cache, seeded
 from train.config import DrafterConfig
 from train.evaluate import evaluate_checkpoint
 from train.evaluate import main as evaluate_main
@@ -193,27 +192,6 @@ def test_spans_are_maximal_supervised_runs():
 
 # --- the CLI on a cache written through the cache writer, with drafters trained on it --------------------------
 
-def write_cache(root: Path, seed: int = 0, **manifest_kw) -> str:
-    """Two shards of counting sequences (next token = this one + 1 mod 8, so a few steps learn to draft them),
-    two supervised turns each, every other sample with image tokens."""
-    url = str(root / "cache")
-    manifest = make_manifest(hidden_size=32, layers=(1, 3, 5), vocab=64, **manifest_kw)
-    writer = CacheWriter(url, manifest)
-    write_target_files(writer, root)
-    for s in range(2):
-        shard = writer.shard(f"shard-{s:03d}")
-        for i in range(6):
-            sample = make_sample(f"s{s}{i}", 48 + 8 * i, manifest, seed=10 * s + i)
-            n = len(sample)
-            sample.input_ids = ((np.arange(n) + i) % 8).astype(np.int32)
-            sample.loss_mask = np.zeros(n, dtype=bool)
-            sample.loss_mask[4:20] = sample.loss_mask[26:] = True
-            sample.meta = {"num_image_tokens": 12 * (i % 2)}
-            shard.add(sample)
-        shard.commit()
-    return url
-
-
 def train_run(url, run_dir, mode):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["setup=tiny", f"data.cache={url}", "drafter.mask_token_id=63",
@@ -228,7 +206,7 @@ def train_run(url, run_dir, mode):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    url = write_cache(root)
+    url = counting_cache(root)
     return url, train_run(url, root / "dflash", "dflash"), train_run(url, root / "vp", "vp")
 
 
@@ -277,12 +255,12 @@ def test_cli_refuses_bad_arguments_naming_them(runs, tmp_path, args, message):
 
 def test_cli_judges_on_another_storage_of_the_target_but_refuses_another_target(runs, tmp_path):
     url, ckpt, _ = runs
-    fp8 = write_cache(tmp_path / "fp8", hidden_dtype="fp8_e4m3")
+    fp8 = counting_cache(tmp_path / "fp8", hidden_dtype="fp8_e4m3")
     result = evaluate_checkpoint(ckpt, cache=fp8, out=tmp_path / "fp8-eval", progress=False)
     bf16 = evaluate_checkpoint(ckpt, cache=url, out=tmp_path / "bf16-eval", progress=False)
     assert result["cache"] == fp8 and result["shards"] == bf16["shards"] and result["samples"] == bf16["samples"] == 6
     # Same tokens and spans: every supervised token but each span's first is committed, whatever was accepted.
     assert result["dflash"]["all"]["committed"] == bf16["dflash"]["all"]["committed"] > 0
-    other = write_cache(tmp_path / "other", name="another-target")
+    other = counting_cache(tmp_path / "other", name="another-target")
     with pytest.raises(ValueError, match="target.name_or_path"):
         evaluate_checkpoint(ckpt, cache=other, out=tmp_path / "other-eval", progress=False)

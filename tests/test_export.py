@@ -39,8 +39,9 @@ def make_run(tmp_path: Path, drafter: DrafterConfig = DRAFTER, model_type: str =
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     config = {"drafter": asdict(drafter), "data": {"cache": url if record_cache else None}}
-    ckpt = checkpoint.save(tmp_path / "run", checkpoint.TrainState(step=1), model.state_dict(), opt, sched, config,
-                           keep_last=1, manifest=manifest.to_dict(), draft_ids=draft_ids)
+    snap = checkpoint.Snapshot(checkpoint.TrainState(step=1), model.state_dict(), opt, sched, config,
+                               manifest.to_dict(), draft_ids)
+    ckpt = checkpoint.save(tmp_path / "run", snap, keep_last=1)
     return ckpt, model, head, url
 
 

@@ -191,7 +191,10 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
     assert digest(saved) == ranks[0]["digest"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [2] and np.isfinite(evals[0]["eval/loss"])  # rank 0 alone, eval_every=2
+    # Rank 0 alone, eval_every=2 and the last step; both ranks agree on the best checkpoint it kept.
+    assert [r["step"] for r in evals] == [2, 3] and np.isfinite(evals[0]["eval/loss"])
+    best = max(evals, key=lambda r: r["eval/tau_replay"])["step"]
+    assert json.loads((run / "best" / "state.json").read_text())["step"] == best
     assert 1 <= evals[0]["eval/tau_replay"] <= 8
 
 

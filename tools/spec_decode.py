@@ -251,7 +251,7 @@ def table(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the target model directory or hub id")
-    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint or run directory")
+    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint, run directory or RUN/best")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
     src.add_argument("--prompts", type=Path, help="a JSON list of samples")

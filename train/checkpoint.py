@@ -1,4 +1,5 @@
-"""Checkpoints: one directory per step, written under a temporary name and renamed into place, last k kept.
+"""Checkpoints: one directory per step, written under a temporary name and renamed into place, last k kept; the
+best by replayed tau is kept apart as RUN/best, a complete checkpoint of the same layout.
 
     step-NNNNNNNN/model.safetensors    drafter parameters (the target's embedding and head are not in it)
     step-NNNNNNNN/config.json          the whole train config, drafter dimensions and mask id resolved
@@ -12,7 +13,7 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from cache_schema import Manifest
 
 PREFIX = "step-"
+BEST = "best"  # RUN/best: the checkpoint of the best eval/tau_replay so far, never pruned by keep_last
 
 
 @dataclass
@@ -31,6 +33,20 @@ class TrainState:
     epoch: int = 0
     cursor: int = 0  # batches of `epoch` already consumed (per rank)
     tokens: int = 0  # supervised tokens seen
+    evaluations: list = field(default_factory=list)  # [step, eval/tau_replay] of every evaluation that replayed
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(step, tau) of the best evaluation; a tie keeps the earlier one."""
+        if not self.evaluations:
+            return None
+        step, tau = max(self.evaluations, key=lambda e: e[1])
+        return step, tau
+
+    @property
+    def evals_since_best(self) -> int:
+        taus = [tau for _, tau in self.evaluations]
+        return len(taus) - 1 - taus.index(max(taus)) if taus else 0
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -41,26 +57,58 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save(run_dir: Path, state: TrainState, model_state: dict, optimizer, scheduler, config: dict,
-         keep_last: int, manifest: dict, draft_ids: torch.Tensor | None = None) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f".tmp-{final.name}"
+@dataclass
+class Snapshot:
+    """What a checkpoint holds, gathered once per save."""
+
+    state: TrainState
+    model_state: dict
+    optimizer: object
+    scheduler: object
+    config: dict
+    manifest: dict
+    draft_ids: torch.Tensor | None = None
+
+
+def _write(final: Path, snap: Snapshot, linked_from: Path | None = None) -> Path:
+    """The checkpoint directory `final`, complete or absent at every moment; `linked_from`, a checkpoint of the same
+    snapshot, gives its files as hard links instead (copies where the file system has none)."""
+    tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "cache_manifest.json").write_text(json.dumps(manifest, indent=2))
-    if draft_ids is not None:
-        save_file({"draft_ids": draft_ids.cpu().contiguous()}, str(tmp / "draft_vocab.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks the directory complete
+    if linked_from is not None:
+        for src in sorted(linked_from.iterdir(), key=lambda p: p.name == "state.json"):  # state.json last
+            try:
+                os.link(src, tmp / src.name)
+            except OSError:
+                shutil.copy2(src, tmp / src.name)
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in snap.model_state.items()},
+                  str(tmp / "model.safetensors"))
+        torch.save({"optimizer": snap.optimizer.state_dict(), "scheduler": snap.scheduler.state_dict()},
+                   tmp / "optim.pt")
+        (tmp / "config.json").write_text(json.dumps(snap.config, indent=2))
+        (tmp / "cache_manifest.json").write_text(json.dumps(snap.manifest, indent=2))
+        if snap.draft_ids is not None:
+            save_file({"draft_ids": snap.draft_ids.cpu().contiguous()}, str(tmp / "draft_vocab.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(asdict(snap.state)))  # written last: marks it complete
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    return final
+
+
+def save(run_dir: Path, snap: Snapshot, keep_last: int) -> Path:
+    """checkpoints/step-N, then the oldest beyond the last `keep_last` (0: all kept) are deleted."""
+    final = _write(Path(run_dir) / "checkpoints" / f"{PREFIX}{snap.state.step:08d}", snap)
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def save_best(run_dir: Path, snap: Snapshot, linked_from: Path | None = None) -> Path:
+    """RUN/best, replaced; `linked_from` is the step checkpoint just saved from the same snapshot, if any."""
+    return _write(Path(run_dir) / BEST, snap, linked_from)
 
 
 def load(path: Path, model, optimizer, scheduler) -> TrainState:
@@ -78,8 +126,11 @@ def load(path: Path, model, optimizer, scheduler) -> TrainState:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory as given, or a run directory's latest complete checkpoint."""
+    """A checkpoint directory as given (RUN/best among them), or a run directory's latest complete checkpoint."""
     path = Path(path)
+    if path.name == BEST and not path.exists() and (path.parent / "checkpoints").is_dir():
+        raise ValueError(f"run directory {path.parent} has no best checkpoint yet: it is kept at the first evaluation "
+                         "that replays tau (eval_every and eval_replay_samples above 0)")
     if (path / "checkpoints").is_dir():
         found = checkpoints(path)
         if not found:
@@ -113,12 +164,13 @@ class CheckpointInfo:
         return self.train.drafter
 
     @property
-    def cache_url(self) -> str | None:
-        return self.train.data.cache
+    def caches(self) -> list["CacheSource"]:  # noqa: F821
+        """The caches it was trained from (`train.config.CacheSource`, named), the first one's manifest recorded."""
+        return self.train.data.sources()
 
     @property
     def eval_shards(self) -> int:
-        """The last this many committed shards of its cache were held out for evaluation."""
+        """The last this many committed shards of each of its caches were held out for evaluation."""
         return self.train.data.eval_shards
 
 

@@ -51,13 +51,29 @@ class ObjectiveConfig:
 
 
 @dataclass
+class CacheSource:
+    """One cache of a mixture (data.caches)."""
+
+    url: str = MISSING
+    # Each epoch takes the cache's training samples `weight` times; a fraction is a fresh random subset per epoch.
+    weight: float = 1.0
+    name: str | None = None  # in metric names (eval/tau_replay/NAME); None: the last component of the url
+
+
+@dataclass
 class DataConfig:
-    cache: str = MISSING
-    eval_shards: int = 1  # the last k committed shards are held out for evaluation
+    cache: str | None = None  # one cache, the same as caches=[{url: ...}]
+    caches: list[CacheSource] = field(default_factory=list)  # several caches of one target, mixed by weight
+    eval_shards: int = 1  # the last k committed shards of each cache are held out for evaluation
     max_tokens_per_batch: int = 16384  # token budget of one batch (padded length x samples)
     max_length: int = 8192  # longer samples are skipped and counted
     num_workers: int = 8  # bench/train_bench.py: 8 workers feed a 30B-A3B-shaped drafter step 3.3x on an H100
     bucket_size: int = 64  # batches are formed from runs of this many samples sorted by length
+
+    def sources(self) -> list[CacheSource]:
+        """The caches to train from, each named (data.cache is a mixture of one)."""
+        listed = [CacheSource(url=self.cache)] if self.cache is not None else self.caches
+        return [CacheSource(c.url, c.weight, c.name or c.url.rstrip("/").rsplit("/", 1)[-1]) for c in listed]
 
 
 @dataclass
@@ -66,7 +82,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 200
+    warmup_ratio: float | None = None  # when set, warmup is this fraction of the run's steps (warmup_steps ignored)
     max_steps: int = 20000
+    epochs: int | None = None  # when set, the run is this many passes over the training samples (max_steps ignored)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -81,15 +99,19 @@ class TrainConfig:
     run_dir: str = MISSING  # conf/train.yaml: runs/SETUP, one directory per job in -m sweeps
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 500
+    eval_every: int = 500  # and at the last step
     eval_batches: int = 20
+    eval_replay_samples: int = 16  # held-out samples per cache replayed for eval/tau_replay; 0: no replay
+    early_stop_patience: int = 0  # stop after this many evaluations without a better eval/tau_replay; 0: never
     save_every: int = 1000
-    keep_last: int = 3
+    keep_last: int = 3  # step checkpoints kept; RUN/best (the best by eval/tau_replay) is kept apart
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     attention: str = "auto"  # auto (flex on CUDA, dense elsewhere) | flex | dense
     progress: bool = True
     expect_target: str | None = None  # when set, the cache's target.name_or_path must equal it
     threads: int | None = None  # intra-op CPU threads of every rank; None: torch's default (docs/decisions.md)
+    log_with: list[str] = field(default_factory=list)  # experiment trackers beside metrics.jsonl (TRACKERS)
+    tracker_project: str = "dflash-offline"  # project (W&B, trackio), experiment (MLflow), folder (TensorBoard)
 
 
 # Keys that count something (>= 1) and keys that may be 0 to switch something off (>= 0).
@@ -98,7 +120,7 @@ POSITIVE_KEYS = ("drafter.num_layers", "drafter.num_attention_heads", "drafter.n
                  "objective.loss_chunk_rows", "data.max_tokens_per_batch", "data.max_length", "data.bucket_size",
                  "optim.max_steps", "optim.grad_accum", "log_every", "eval_batches")
 NON_NEGATIVE_KEYS = ("data.num_workers", "data.eval_shards", "optim.warmup_steps", "eval_every", "save_every",
-                     "keep_last")
+                     "keep_last", "eval_replay_samples", "early_stop_patience")
 
 
 def _get(cfg, key: str):
@@ -115,6 +137,18 @@ def validate(cfg: TrainConfig) -> None:
                 raise ValueError(f"{key}={_get(cfg, key)} must be >= {low}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads={cfg.threads} must be >= 1 (null: torch's default)")
+    validate_data(cfg.data)
+    o = cfg.optim
+    if o.epochs is not None and o.epochs < 1:
+        raise ValueError(f"optim.epochs={o.epochs} must be >= 1 (null: optim.max_steps decides)")
+    if o.warmup_ratio is not None and not 0 <= o.warmup_ratio < 1:
+        raise ValueError(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1) (null: optim.warmup_steps decides)")
+    if cfg.early_stop_patience and not (cfg.eval_every and cfg.eval_replay_samples):
+        raise ValueError(f"early_stop_patience={cfg.early_stop_patience} needs evaluations that replay tau: set "
+                         "eval_every and eval_replay_samples above 0")
+    from train.metrics import check_trackers  # accelerate's tracker registry: imported only when validating
+
+    check_trackers(cfg.log_with)
     d = cfg.drafter
     if d.block_size < 2:
         raise ValueError(f"drafter.block_size={d.block_size} must be >= 2 (slot 0 holds the verified token)")
@@ -131,6 +165,19 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("attention", cfg.attention, ATTENTION)
 
 
+def validate_data(data: DataConfig) -> None:
+    if (data.cache is None) == (not data.caches):
+        raise ValueError("data.cache=URL or data.caches=[{url: URL, weight: W}, ...]: set exactly one of them")
+    sources = data.sources()
+    for i, c in enumerate(sources):
+        if not c.weight > 0:
+            raise ValueError(f"data.caches[{i}].weight={c.weight} must be > 0")
+    names = [c.name for c in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"data.caches: more than one cache is named {twice[0]!r}; give each a distinct name")
+
+
 SECTIONS = {"drafter": DrafterConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
 
 
@@ -139,6 +186,7 @@ def from_dict(data: dict, where: str) -> TrainConfig:
     predates keep their defaults, a key this version does not know is refused by name."""
     try:
         parts = {name: kind(**data.get(name, {})) for name, kind in SECTIONS.items()}
+        parts["data"].caches = [CacheSource(**c) for c in parts["data"].caches]
         return TrainConfig(**parts, **{k: v for k, v in data.items() if k not in SECTIONS})
     except TypeError as e:
         raise ValueError(f"{where}: not a train config of this version ({e})") from e

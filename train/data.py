@@ -31,6 +31,7 @@ class CacheDataset(Dataset):
     def __init__(self, reader: CacheReader, shards: list[str], position_source: str):
         check_choice("drafter.position_source", position_source, POSITION_SOURCES)
         self.reader = reader
+        self.shards = list(shards)
         self.position_source = position_source
         starts = self.reader.starts
         wanted = set(shards)
@@ -47,31 +48,47 @@ class CacheDataset(Dataset):
         sample_id = self.index[i]
         s = self.reader[sample_id]
         return {"sample_id": sample_id, "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
-                "loss_mask": torch.from_numpy(s.loss_mask), "positions": torch.from_numpy(self._positions(s)),
+                "loss_mask": torch.from_numpy(s.loss_mask), "positions": torch.from_numpy(self.positions(s)),
                 "hidden": s.hidden_TLH}
 
-    def _positions(self, s) -> np.ndarray:
+    def positions(self, s) -> np.ndarray:
+        """The drafter's 1-D positions of a cache sample."""
         return (s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))).astype(np.int64)
 
+    def epoch_indices(self, seed: int, epoch: int) -> np.ndarray:
+        """The samples of one epoch: each once."""
+        return np.arange(len(self))
+
     def batch(self, indices: list[int]) -> dict:
-        """The samples at `indices` as one padded batch, read in one concurrent cache call with the hidden
-        states decoded straight into the batch tensor (no per-sample copy); padding is zero."""
-        ids = [self.index[i] for i in indices]
-        lengths = [int(self.lengths[i]) for i in indices]
-        T = padded_length(lengths)
-        B = len(ids)
-        L, H = len(self.reader.manifest.target_layer_ids), self.reader.manifest.target.hidden_size
-        hidden = _batch_tensor((B, T, L, H), torch.bfloat16)
-        samples = self.reader.read_samples(ids, hidden_into=[hidden[b, :n] for b, n in enumerate(lengths)])
-        out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
-               "positions": torch.zeros(B, T, dtype=torch.long), "hidden": hidden,
-               "lengths": torch.tensor(lengths), "sample_ids": torch.tensor(ids)}
-        for b, (s, n) in enumerate(zip(samples, lengths)):
-            out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
-            out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
-            out["positions"][b, :n] = torch.from_numpy(self._positions(s))
-            hidden[b, n:] = 0
-        return out
+        """The samples at `indices` as one padded batch."""
+        return padded_batch([(self, i) for i in indices], [self.index[i] for i in indices])
+
+
+def padded_batch(picks: list[tuple[CacheDataset, int]], sample_ids: list[int]) -> dict:
+    """The samples `picks` (dataset, index) as one padded batch: one concurrent read per cache, hidden states
+    decoded straight into the batch tensor (no per-sample copy), zero padding. `sample_ids` key the batch's
+    random draws (train/objective.py)."""
+    lengths = [int(ds.lengths[i]) for ds, i in picks]
+    T, B = padded_length(lengths), len(picks)
+    manifest = picks[0][0].reader.manifest
+    L, H = len(manifest.target_layer_ids), manifest.target.hidden_size
+    hidden = _batch_tensor((B, T, L, H), torch.bfloat16)
+    samples: list = [None] * B
+    for ds in {id(ds): ds for ds, _ in picks}.values():
+        rows = [b for b, (d, _) in enumerate(picks) if d is ds]
+        read = ds.reader.read_samples([ds.index[picks[b][1]] for b in rows],
+                                      hidden_into=[hidden[b, :lengths[b]] for b in rows])
+        for b, s in zip(rows, read):
+            samples[b] = s
+    out = {"input_ids": torch.zeros(B, T, dtype=torch.long), "loss_mask": torch.zeros(B, T, dtype=torch.bool),
+           "positions": torch.zeros(B, T, dtype=torch.long), "hidden": hidden,
+           "lengths": torch.tensor(lengths), "sample_ids": torch.tensor(sample_ids)}
+    for b, ((ds, _), s, n) in enumerate(zip(picks, samples, lengths)):
+        out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
+        out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
+        out["positions"][b, :n] = torch.from_numpy(ds.positions(s))
+        hidden[b, n:] = 0
+    return out
 
 
 def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -84,16 +101,16 @@ def _batch_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PaddedBatches(Dataset):
-    """A CacheDataset's padded batches, one per list of indices: the dataset of `batch_loader`."""
+    """A dataset's padded batches (its `batch`), one per list of indices: the dataset of `batch_loader`."""
 
-    def __init__(self, dataset: CacheDataset):
+    def __init__(self, dataset):
         self.dataset = dataset
 
     def __getitem__(self, indices: list[int]) -> dict:
         return self.dataset.batch(indices)
 
 
-def batch_loader(dataset: CacheDataset, batches: list[list[int]], num_workers: int) -> DataLoader:
+def batch_loader(dataset, batches: list[list[int]], num_workers: int) -> DataLoader:
     """Padded batches in the order of `batches`; each is read and assembled whole in a worker (or in
     process with 0 workers) and arrives as is."""
     # Its own generator: the workers' base seed would otherwise be drawn from (and advance) the global RNG.
@@ -136,12 +153,13 @@ def split_shards(reader: CacheReader, eval_shards: int) -> tuple[list[str], list
     return shards[:len(shards) - k], shards[len(shards) - k:]
 
 
-def epoch_batches(dataset: CacheDataset, cfg_data, seed: int, epoch: int) -> list[list[int]]:
-    batches, skipped = token_budget_batches(dataset.lengths, cfg_data.max_tokens_per_batch, cfg_data.max_length,
-                                            cfg_data.bucket_size, seed, epoch)
+def epoch_batches(dataset, cfg_data, seed: int, epoch: int) -> list[list[int]]:
+    """Token-budget batches of the dataset's samples of `epoch` (its `epoch_indices`, a mixture's weighted draw)."""
+    picks = dataset.epoch_indices(seed, epoch)
+    batches, skipped = token_budget_batches(dataset.lengths[picks], cfg_data.max_tokens_per_batch,
+                                            cfg_data.max_length, cfg_data.bucket_size, seed, epoch)
     if skipped and epoch == 0:
         log.warning("skipping %d samples longer than data.max_length=%d", skipped, cfg_data.max_length)
     if not batches:
         raise ValueError("no training batch: every sample exceeds data.max_length or the cache is empty")
-    return batches
-
+    return [[int(picks[i]) for i in b] for b in batches]

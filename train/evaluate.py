@@ -2,9 +2,11 @@
 
     python -m train.evaluate CKPT [--cache URL] [--shards a,b] [--vp CKPT] [--k 4] [--max-samples N] [--out DIR]
 
-CKPT is a checkpoint directory or a run directory (its latest checkpoint). Prints a table and writes eval.json
-and eval.png in --out (default: the checkpoint directory). The shards
-default to the run's eval shards (the last data.eval_shards committed shards, as training held them out).
+CKPT is a checkpoint directory, a run directory (its latest checkpoint) or RUN/best (the best by replayed tau).
+Prints a table and writes eval.json and eval.png in --out (default: the checkpoint directory). The shards
+default to the run's eval shards (the last data.eval_shards committed shards, as training held them out); a
+drafter trained on several caches is replayed on each one's and reported per cache and pooled, unless --cache
+names one.
 """
 
 import argparse
@@ -18,22 +20,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from cache_schema import CacheError, CacheReader  # noqa: E402
+from train.caches import target_mismatches  # noqa: E402
 from train.checkpoint import load_drafter, read_checkpoint  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
 from train.replay import GROUPS, GreedyDrafter, replay_records, replay_figures  # noqa: E402
 
 
-# What a drafter needs of a cache it is judged on; storage (bf16/fp8) and generation settings may differ, e.g. a
-# drafter trained on an fp8 cache replayed on bf16 states, or one trained on dataset answers on the target's own.
-SAME_FOR_REPLAY = ("target", "target_layer_ids", "layer_convention", "tokenizer_fingerprint")
+def check_cache(path: Path, manifest, reader: CacheReader) -> None:
+    bad = target_mismatches(reader.manifest, manifest)
+    if bad:
+        raise ValueError(f"drafter {path} was trained on another target than cache {reader.loc.url}: differing "
+                         f"keys {bad}")
 
 
 def load(path: Path, reader: CacheReader, head: dict, device, backend: str):
     ckpt = load_drafter(path, head["embed_tokens"], head["lm_head"])
-    bad = [k for k in reader.manifest.mismatches(ckpt.manifest) if k.split(".")[0] in SAME_FOR_REPLAY]
-    if bad:
-        raise ValueError(f"drafter {path} was trained on another target than cache {reader.loc.url}: differing "
-                         f"keys {bad}")
+    check_cache(path, ckpt.manifest, reader)
     ckpt.model.to(device)
     return ckpt, GreedyDrafter.from_checkpoint(ckpt, backend)
 
@@ -62,36 +64,57 @@ def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str |
         raise ValueError(f"--max-samples={max_samples} must be >= 1")
     info = read_checkpoint(ckpt_path)
     ckpt_path = info.path
-    reader = CacheReader(cache or info.cache_url)
-    head = reader.head_tensors()
+    caches = [(None, cache)] if cache else [(c.name, c.url) for c in info.caches]
+    if shards and len(caches) > 1:
+        raise ValueError(f"--shards names shards of one cache; {ckpt_path} was trained on {len(caches)} caches: "
+                         "name one with --cache")
+    readers = [CacheReader(url) for _, url in caches]
+    head = readers[0].head_tensors()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt, dflash = load(ckpt_path, reader, head, device, backend)
+    ckpt, dflash = load(ckpt_path, readers[0], head, device, backend)
+    for reader in readers[1:]:
+        check_cache(ckpt_path, ckpt.manifest, reader)
     vp = None
     if vp_path is not None:
         vp_path = read_checkpoint(vp_path).path
-        vp_ckpt, vp = load(vp_path, reader, head, device, backend)
+        vp_ckpt, vp = load(vp_path, readers[0], head, device, backend)
         if vp_ckpt.drafter.block_size != ckpt.drafter.block_size:
             raise ValueError(f"--vp {vp_path}: drafter.block_size={vp_ckpt.drafter.block_size} but the DFlash "
                              f"drafter's is {ckpt.drafter.block_size}; D2SD branches replace slots of one block")
         if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
             raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
                              f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
-    names = pick_shards(reader, ckpt.eval_shards, shards)
-    dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
-    if not len(dataset):
-        raise ValueError(f"shards {names} of cache {reader.loc.url} hold no sample")
-    indices = range(min(len(dataset), max_samples) if max_samples else len(dataset))
-    records = replay_records(dataset, indices, dflash, vp, k, progress)
     block = dflash.block
-    result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None, "cache": reader.loc.url,
-              "shards": names, "samples": len(records), "block_size": block, "k": k if vp else None,
-              "dflash": replay_figures(records, block, "dflash"),
-              "per_sample": [{"sample_id": r["sample_id"], "key": r["key"], "images": r["images"],
-                              **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum()),
-                                     "accepted": r[m].accepted.tolist()}
-                                 for m in ("dflash", "d2sd") if m in r}} for r in records]}
-    if vp is not None:
-        result["d2sd"] = replay_figures(records, block, "d2sd")
+    methods = ("dflash", "d2sd") if vp is not None else ("dflash",)
+    parts = []  # (name, reader, shard names, records) per cache replayed
+    for (name, _), reader in zip(caches, readers):
+        if len(caches) > 1 and not split_shards(reader, ckpt.eval_shards)[1]:
+            print(f"cache {reader.loc.url} held out no eval shard: not replayed")
+            continue
+        names = pick_shards(reader, ckpt.eval_shards, shards)
+        dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
+        if not len(dataset):
+            raise ValueError(f"shards {names} of cache {reader.loc.url} hold no sample")
+        indices = range(min(len(dataset), max_samples) if max_samples else len(dataset))
+        parts.append((name, reader, names, replay_records(dataset, indices, dflash, vp, k, progress)))
+    if not parts:
+        raise ValueError(f"none of the caches of {ckpt_path} held out an eval shard; name one with --cache and "
+                         "--shards")
+    records = [r for *_, recs in parts for r in recs]
+    result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None}
+    if len(caches) == 1:
+        result.update(cache=parts[0][1].loc.url, shards=parts[0][2])
+    else:
+        result["caches"] = [{"name": name, "cache": reader.loc.url, "shards": names, "samples": len(recs),
+                             **{m: replay_figures(recs, block, m) for m in methods}}
+                            for name, reader, names, recs in parts]
+    result.update({"samples": len(records), "block_size": block, "k": k if vp else None,
+                   **{m: replay_figures(records, block, m) for m in methods}})
+    result["per_sample"] = [{**({"cache": name} if len(caches) > 1 else {}), "sample_id": r["sample_id"],
+                             "key": r["key"], "images": r["images"],
+                             **{m: {"cycles": int(r[m].accepted.size), "committed": int(r[m].committed.sum()),
+                                    "accepted": r[m].accepted.tolist()} for m in methods}}
+                            for name, _, _, recs in parts for r in recs]
     out = Path(out) if out else ckpt_path
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -107,13 +130,16 @@ def _fmt(x, spec=".3f"):
 
 def table(result: dict) -> str:
     block = result["block_size"]
-    lines = [f"{result['checkpoint']}: {result['samples']} samples of {','.join(result['shards'])}, block "
+    where = (",".join(result["shards"]) if "shards" in result else
+             "; ".join(f"{c['name']}: {','.join(c['shards'])}" for c in result["caches"]))
+    lines = [f"{result['checkpoint']}: {result['samples']} samples of {where}, block "
              f"{block}" + (f", D2SD with {result['vp']} (k={result['k']})" if result["vp"] else "")]
     head = f"{'method':7} {'group':10} {'samples':>7} {'cycles':>7} {'tau':>6} {'tau/smp':>7}  P(slot k accepted)"
     lines.append(head)
     for method in ("dflash", "d2sd"):
-        for group in GROUPS if method in result else ():
-            g = result[method][group]
+        rows = [(group, result[method][group]) for group in GROUPS] if method in result else []
+        rows += [(f"cache {c['name']}", c[method]["all"]) for c in result.get("caches", []) if method in c]
+        for group, g in rows:
             slots = " ".join(_fmt(p, ".2f") for p in g["accept_per_slot"])
             lines.append(f"{method:7} {group:10} {g['samples']:7d} {g['cycles']:7d} {_fmt(g['tau']):>6} "
                          f"{_fmt(g['tau_per_sample']):>7}  {slots}")
@@ -147,12 +173,13 @@ def plot(result: dict, path: Path) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint (runs/x/checkpoints/step-N) or a run directory")
-    parser.add_argument("--cache", help="cache URL (default: the one the run trained from)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a checkpoint (runs/x/checkpoints/step-N), a run directory (its latest) or runs/x/best")
+    parser.add_argument("--cache", help="cache URL (default: the caches the run trained from)")
     parser.add_argument("--shards", help="comma-separated shard names (default: the run's eval shards)")
     parser.add_argument("--vp", type=Path, help="a VP drafter checkpoint or run of the same cache: also replay D2SD")
     parser.add_argument("--k", type=int, default=4, help="D2SD branches besides the DFlash draft")
-    parser.add_argument("--max-samples", type=int, help="replay only the first N samples of the shards")
+    parser.add_argument("--max-samples", type=int, help="replay only the first N samples of the shards (of each cache)")
     parser.add_argument("--out", type=Path, help="output directory (default: the checkpoint directory)")
     parser.add_argument("--device", help="torch device (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true")

@@ -10,58 +10,32 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from cache_schema import CacheReader
-from train import checkpoint
-from train.checkpoint import TrainState
-from train.drafter_from_cache import resolve_drafter
+from train import checkpoint, schedule
+from train.caches import describe, open_caches, split
+from train.checkpoint import Snapshot, TrainState
 from train.config import DrafterConfig, TrainConfig, validate
-from train.data import CacheDataset, batch_loader, epoch_batches, split_shards
-from train.metrics import MetricLog
+from train.data import batch_loader
+from train.drafter_from_cache import resolve_drafter
+from train.heldout import evaluate, held_out
+from train.metrics import JsonlTracker, MetricLog, start_trackers
 from train.model import Drafter
-from train.objective import Objective, add_sums, draft_vocab, step_metrics
-from train.replay import replay_tau
+from train.objective import Objective, add_sums, draft_vocab
 
 log = logging.getLogger("train")
-REPLAY_SAMPLES = 16  # eval samples replayed at each evaluation: the exact tau at a bounded cost
-
-
-def cosine_with_warmup(cfg):
-    def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world: int):
     """Batches from the resume point on, across epochs; advances state.epoch/state.cursor as it goes."""
     while True:
-        batches = epoch_batches(dataset, cfg.data, cfg.seed, state.epoch)
-        # Every rank takes the same number of batches, so ranks step together and share one TrainState.
-        per_rank = len(batches) // world
-        if per_rank == 0:
-            raise ValueError(f"{len(batches)} batches per epoch for {world} processes: lower "
-                             "data.max_tokens_per_batch or add data")
-        mine = batches[rank:per_rank * world:world]
+        mine = schedule.rank_batches(dataset, cfg, state.epoch, rank, world)
         for batch in batch_loader(dataset, mine[state.cursor:], cfg.data.num_workers):
             state.cursor += 1
             yield batch
         state.epoch, state.cursor = state.epoch + 1, 0
-
-
-@torch.no_grad()
-def eval_loss(model, objective: Objective, dataset, batches: list[list[int]], device) -> dict:
-    sums: dict = {}
-    for batch in batch_loader(dataset, batches, num_workers=0):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        # Fixed draws (step 0): evaluations compare across steps.
-        add_sums(sums, objective.loss(model, batch, objective.blocks(batch, step=0))[1])
-    return {f"eval/{k}": v for k, v in step_metrics(sums).items()}
 
 
 def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tensor, draft_ids, device):
@@ -100,23 +74,28 @@ def _train(cfg: TrainConfig) -> TrainState:
     # The frozen embedding and head are identical on every rank: broadcasting them each forward (DDP's
     # default for buffers) would move a vocabulary-sized tensor per step for nothing.
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    device = accelerator.device
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                              log_with=[JsonlTracker(run_dir), *cfg.log_with],
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(run_dir / "tensorboard")))
+    device, world = accelerator.device, accelerator.num_processes
 
-    # 1. Cache, compatibility, frozen target tensors.
-    reader = CacheReader(cfg.data.cache)
-    drafter = resolve_drafter(cfg, reader)
+    # 1. Caches, compatibility, frozen target tensors, the run's length.
+    sources = cfg.data.sources()
+    readers = open_caches(sources)
+    drafter = resolve_drafter(cfg, readers[0])
     cfg = dataclasses.replace(cfg, drafter=drafter)
-    head = reader.head_tensors()
-    train_shards, eval_shards = split_shards(reader, cfg.data.eval_shards)
-    train_set = CacheDataset(reader, train_shards, drafter.position_source)
-    eval_set = CacheDataset(reader, eval_shards, drafter.position_source)
+    head = readers[0].head_tensors()
+    train_set, named_eval = split(sources, readers, cfg.data.eval_shards, drafter.position_source)
+    plan = schedule.plan(train_set, cfg, world)
+    data_lines, data_info = describe(sources, readers, train_set, named_eval, cfg.seed)
     if accelerator.is_main_process:
-        print(f"{reader.describe()}\ntraining on {len(train_shards)} shards ({len(train_set)} samples), evaluating "
-              f"on {len(eval_shards)} ({len(eval_set)} samples)", flush=True)
+        print(f"{data_lines}\n{schedule.describe(plan, cfg, world)}", flush=True)
     draft_ids = None
     if cfg.objective.draft_vocab_size:
-        draft_ids = draft_vocab(torch.as_tensor(reader.token_frequencies()), cfg.objective.draft_vocab_size)
+        freq = sum(s.weight * torch.as_tensor(r.token_frequencies(), dtype=torch.float64)
+                   for s, r in zip(sources, readers))
+        draft_ids = draft_vocab(freq, cfg.objective.draft_vocab_size)
 
     # 2. Model (fp32 master weights, bf16 frozen head), optimiser, schedule, objective.
     with torch.random.fork_rng(devices=[]):
@@ -124,7 +103,7 @@ def _train(cfg: TrainConfig) -> TrainState:
         model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.optim))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_lambda())
     state = TrainState()
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
     if resume_from:
@@ -135,25 +114,35 @@ def _train(cfg: TrainConfig) -> TrainState:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
     objective = make_objective(cfg, drafter, core.lm_head_VH, draft_ids, device)
-    eval_batches = epoch_batches(eval_set, cfg.data, cfg.seed, 0)[:cfg.eval_batches] if len(eval_set) else []
-    replay_samples = sorted({i for b in eval_batches for i in b})[:REPLAY_SAMPLES]
+    eval_sets = held_out(named_eval, cfg)
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    start_trackers(accelerator, cfg.tracker_project, run_dir,
+                   {**config_dict, "caches": data_info,
+                    "schedule": {"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+                                 "batches_per_epoch": plan.batches_per_epoch[0], "world_size": world}})
 
-    def save():
+    def save(step_dir: bool, best: bool):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            path = checkpoint.save(run_dir, state, accelerator.get_state_dict(model), optimizer, scheduler,
-                                   config_dict, cfg.keep_last, reader.manifest.to_dict(), draft_ids)
-            log.info("saved %s", path)
+            snap = Snapshot(state, accelerator.get_state_dict(model), optimizer, scheduler, config_dict,
+                            readers[0].manifest.to_dict(), draft_ids)
+            path = checkpoint.save(run_dir, snap, cfg.keep_last) if step_dir else None
+            if best:
+                checkpoint.save_best(run_dir, snap, linked_from=path)
+            log.info("saved %s", " and ".join(str(p) for p in (path, run_dir / checkpoint.BEST if best else None) if p))
         accelerator.wait_for_everyone()
+
+    def stopped() -> bool:
+        return bool(cfg.early_stop_patience) and state.evals_since_best >= cfg.early_stop_patience
 
     # 3. Steps. The loss is normalised by the weight of the whole step (all micro-batches, all ranks), so a
     # micro-batch with few supervised slots counts for what it holds, as one large batch would.
-    metrics = MetricLog(run_dir, enabled=accelerator.is_main_process)
-    stream = batch_stream(train_set, cfg, state, accelerator.process_index, accelerator.num_processes)
-    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", unit="step",
+    total = plan.total_steps
+    metrics = MetricLog(accelerator)
+    stream = batch_stream(train_set, cfg, state, accelerator.process_index, world)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
-    while state.step < cfg.optim.max_steps:
+    while state.step < total and not stopped():
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.optim.grad_accum)]
@@ -165,7 +154,7 @@ def _train(cfg: TrainConfig) -> TrainState:
             with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 loss_sum, stats = objective.loss(model, batch, blk)
                 # DDP averages gradients over ranks; scaling by the world size makes that average a global sum.
-                accelerator.backward(loss_sum * accelerator.num_processes / step_weight)
+                accelerator.backward(loss_sum * world / step_weight)
             add_sums(sums, stats)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         if torch.isfinite(grad_norm):
@@ -178,19 +167,41 @@ def _train(cfg: TrainConfig) -> TrainState:
         state.tokens += int(sums["tokens"])
         metrics.add(sums, seconds=time.perf_counter() - started)
         bar.update(1)
-        if state.step % cfg.log_every == 0 or state.step == cfg.optim.max_steps:
+        if state.step % cfg.log_every == 0 or state.step == total:
             row = metrics.flush(state.step, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{row['loss']:.3f}", tau_est=f"{row['acceptance_estimate']:.2f}",
                             sup_tok_s=f"{row['supervised_tokens_per_s']:.0f}")
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and eval_batches and accelerator.is_main_process:
-            # Rank 0 alone evaluates, so it uses the unwrapped model, outside DDP's bookkeeping.
-            evaluation = eval_loss(core, objective, eval_set, eval_batches, device)
-            tau = replay_tau(core, core.lm_head_VH, eval_set, replay_samples, drafter.block_size,
-                             drafter.mask_token_id, draft_ids)["all"]["tau"]
-            metrics.write(state.step, {**evaluation, "eval/tau_replay": math.nan if tau is None else tau})
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.optim.max_steps:
-            save()
+        best = False
+        if cfg.eval_every and eval_sets and (state.step % cfg.eval_every == 0 or state.step == total):
+            # Rank 0 alone evaluates, with the unwrapped model outside DDP's bookkeeping; every rank learns its
+            # tau, so all of them agree on the best checkpoint and on stopping early.
+            row = (evaluate(core, objective, eval_sets, drafter, draft_ids, device, per_cache=len(sources) > 1)
+                   if accelerator.is_main_process else {})
+            metrics.write(state.step, row)
+            tau = broadcast_object_list([row.get("eval/tau_replay", math.nan)])[0]
+            if not math.isnan(tau):
+                state.evaluations.append([state.step, tau])
+                best = state.best[0] == state.step
+        if state.step < total and not stopped():
+            periodic = bool(cfg.save_every) and state.step % cfg.save_every == 0
+            if periodic or best:
+                save(step_dir=periodic, best=best)
     bar.close()
-    save()  # the final checkpoint goes through the same path as periodic ones
+    # The final checkpoint goes through the same path as periodic ones.
+    save(step_dir=True, best=state.best is not None and state.best[0] == state.step)
     metrics.close()
+    if accelerator.is_main_process and state.best:
+        print(best_summary(state, run_dir, stopped()), flush=True)
     return state
+
+
+def best_summary(state: TrainState, run_dir: Path, stopped_early: bool) -> str:
+    (best_step, best_tau), (last_step, last_tau) = state.best, state.evaluations[-1]
+    line = (f"stopped early at step {state.step}: {state.evals_since_best} evaluations without a better "
+            "eval/tau_replay; " if stopped_early else "")
+    line += f"best eval/tau_replay {best_tau:.4f} at step {best_step} ({run_dir}/best)"
+    if best_step == last_step:
+        return line + ", the last evaluation"
+    if best_tau == last_tau:
+        return line + f", equalled by the last evaluation (step {last_step})"
+    return line + f" beats the last evaluation, step {last_step} ({last_tau:.4f}), by {best_tau - last_tau:.4f}"

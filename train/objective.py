@@ -201,11 +201,12 @@ def add_sums(into: dict, new: dict) -> dict:
 
 
 def draft_vocab(token_freq_V: torch.Tensor, size: int) -> torch.Tensor:
-    """The `size` most frequent supervised tokens (ties by lower id), in ascending id order."""
+    """The `size` most frequent supervised tokens (ties by lower id), in ascending id order; counts may be weighted
+    (a mixture of caches)."""
     V = token_freq_V.numel()
     if not 0 < size <= V:
         raise ValueError(f"objective.draft_vocab_size={size} must be in [1, {V}]")
-    order = torch.sort(-torch.as_tensor(token_freq_V, dtype=torch.long), stable=True).indices[:size]
+    order = torch.sort(-torch.as_tensor(token_freq_V, dtype=torch.float64), stable=True).indices[:size]
     return order.sort().values
 
 

@@ -227,10 +227,3 @@ def replay_records(dataset, indices, dflash: GreedyDrafter, vp: GreedyDrafter | 
         records.append({"sample_id": int(sample["sample_id"]), "key": key, "images": images,
                         **replay_sample(dflash, sample, vp, k)})
     return records
-
-
-def replay_tau(model, head_VH, dataset, indices, block: int, mask_id: int, draft_ids=None,
-               backend: str = "dense") -> dict[str, dict]:
-    """DFlash replay figures per group (see `replay_figures`) of `dataset`'s samples at `indices`."""
-    drafting = GreedyDrafter.of(model, head_VH, block, mask_id, draft_ids, backend)
-    return replay_figures(replay_records(dataset, indices, drafting), block)
