@@ -17,7 +17,7 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> Sample:
         target.model(**inputs, use_cache=False, logits_to_keep=1)
     hidden_TLH = torch.stack([captured[i][0] for i in layer_ids], dim=1)
     ids = inputs["input_ids"][0]
-    image_ids = [v for k, v in target.special_tokens.items() if k in ("image_token_id", "video_token_id")]
+    image_ids = target.token_ids(target.traits.chat.expanded)
     n_image = int(sum((ids == v).sum() for v in image_ids)) if image_ids else 0
     # Every count describes the cached sequence; dropped_turns says what of the conversation it left out.
     meta = {"source": seq.conv.source, "num_images": seq.images, "num_image_tokens": n_image,

@@ -10,7 +10,6 @@ assistant turns as the target answered them, the same length limit.
 from dataclasses import asdict, dataclass, fields
 
 from extract.formats import Conversation, SkipSample
-from extract.spans import HEADER
 from extract.target import Target
 
 # Far above any real token's length (Qwen's longest merges are runs of a few dozen spaces or symbols).
@@ -59,6 +58,7 @@ class Prompts:
 
     def __init__(self, target: Target, settings: GenerationSettings):
         self.target, self.settings = target, settings
+        self.chat = target.traits.chat
         self.suffix = self._generation_suffix()
 
     def _content(self, parts: list[dict]):
@@ -81,10 +81,11 @@ class Prompts:
         """What the generation prompt writes after the assistant header (e.g. "<think>\\n"): template text."""
         probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
         with_prompt, without = self.render(probe, True), self.render(probe, False)
-        if not with_prompt.startswith(without + HEADER):
-            raise ValueError(f"chat template: the generation prompt must open with {HEADER!r}; it adds "
+        header = self.chat.assistant_header
+        if not with_prompt.startswith(without + header):
+            raise ValueError(f"chat template: the generation prompt must open with {header!r}; it adds "
                              f"{with_prompt[len(without):]!r}")
-        return with_prompt[len(without) + len(HEADER):]
+        return with_prompt[len(without) + len(header):]
 
     def answer_text(self, ids: list[int]) -> str:
         """An answer's ids as history text (its end-of-turn token is the template's to write)."""

@@ -14,8 +14,8 @@ import torch
 
 from extract.formats import Conversation, SkipSample, as_skip, guarded, machine_error
 from extract.prompts import Prompts, TurnPrompt, images_in
-from extract.spans import END, answer_char_spans, answer_token_spans
-from extract.target import SUPPRESSED_TOKENS, Target
+from extract.spans import answer_char_spans, answer_token_spans
+from extract.target import Target
 
 
 @dataclass
@@ -38,11 +38,10 @@ class Sequence:
 def generate(target: Target, batch: dict, max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
     """Greedy continuation of a left-padded batch; each row cut after its first end-of-turn token."""
     eos = target.eos_ids
-    suppress = [t for t in (target.token_id(s) for s in SUPPRESSED_TOKENS) if t is not None]
     batch = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     out = target.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                 pad_token_id=target.special_tokens.get("pad_token_id", eos[0]),
-                                suppress_tokens=suppress or None, temperature=None, top_p=None, top_k=None)
+                                suppress_tokens=target.suppressed_ids or None, temperature=None, top_p=None, top_k=None)
     new = out[:, batch["input_ids"].shape[1]:].tolist()
     answers, truncated = [], []
     for row in new:
@@ -140,7 +139,7 @@ def _assemble(prompts: Prompts, context: str, images: list, answer_ids: list[int
     of the earlier assistant turns found in `context` by characters, and of the appended answer."""
     inputs = prompts.encode([TurnPrompt(context, images)])
     ids = inputs["input_ids"][0].tolist()
-    history = answer_token_spans(prompts.target.tokenizer, context, ids, prompts.suffix)
+    history = answer_token_spans(prompts.target.tokenizer, prompts.chat, context, ids, prompts.suffix)
     if len(history) != earlier_turns or any(a == b for a, b in history):
         raise SkipSample("unsupervised_turn", f"{earlier_turns} earlier assistant turns, "
                          f"{sum(b > a for a, b in history)} found with a supervised token in the rendered prompt")
@@ -164,7 +163,7 @@ def kept_rendering(prompts: Prompts, conv: Conversation) -> tuple[str, list[tupl
     and each answer's characters: with `regenerate=false`, the last answer's context is this text up to it."""
     text = prompts.render(conv.messages[:conv.assistant_turns[-1] + 1], False)
     prompts.check_chars(text)
-    chars = answer_char_spans(text, prompts.suffix)
+    chars = answer_char_spans(text, prompts.chat, prompts.suffix)
     if len(chars) != len(conv.assistant_turns):
         raise SkipSample("unsupervised_turn", f"{len(conv.assistant_turns)} assistant turns, {len(chars)} found "
                          "in the rendered conversation")
@@ -180,7 +179,8 @@ def _kept(prompts: Prompts, conv: Conversation) -> Sequence:
     messages = conv.messages[:conv.assistant_turns[-1] + 1]
     text, chars = kept_rendering(prompts, conv)
     start, end = chars[-1]
-    answer_ids = target.tokenizer.encode(text[start:end - len(END)], add_special_tokens=False)
+    answer = text[start:end - len(prompts.chat.end_of_turn)]
+    answer_ids = target.tokenizer.encode(answer, add_special_tokens=False)
     given, differs = messages[-1].get("token_ids"), 0
     if given is not None:
         # A serving engine's ids are the target's own tokens; the text alone may re-tokenise differently.
@@ -189,7 +189,7 @@ def _kept(prompts: Prompts, conv: Conversation) -> Sequence:
             raise SkipSample("unknown_format", f"token_ids hold id {max(own)} outside the tokenizer "
                              f"({len(target.tokenizer)} tokens)")
         differs, answer_ids = int(own != answer_ids), own
-    answer_ids.append(target.special_tokens["im_end_id"])
+    answer_ids.append(target.token_id(prompts.chat.end_of_turn))
     images = images_in(messages, conv)
     inputs, spans = _assemble(prompts, text[:start], images, answer_ids, len(chars) - 1)
     return Sequence(conv=conv, inputs=inputs, spans=spans, images=len(images), turns=len(chars),

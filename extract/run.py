@@ -21,12 +21,13 @@ from cache_schema import CacheWriter, Manifest, TargetInfo
 from cache_schema.layout import COMMIT_MARKER, MARKER_SCHEMA, SHARDS_DIR
 from extract.capture import capture
 from extract.config import ExtractConfig
+from extract.families import family
 from extract.formats import Conversation, SkipSample, guarded
 from extract.prompts import Prompts
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
-from extract.target import (Target, check_layer_ids, config_fingerprint, deepstack_layers, default_layer_ids,
-                            load_target, special_token_ids, tokenizer_fingerprint)
+from extract.target import (Target, check_layer_ids, config_fingerprint, default_layer_ids, load_target,
+                            special_token_ids, tokenizer_fingerprint)
 
 log = logging.getLogger("extract")
 # Decoded pixels one sort window may hold (RGB: 3 bytes each, about 1.5 GB): past it the window is cut short.
@@ -35,7 +36,7 @@ WINDOW_PIXELS = 500_000_000
 
 def resolve_layer_ids(cfg: ExtractConfig, config) -> list[int]:
     num_layers = config.get_text_config().num_hidden_layers
-    deepstack = deepstack_layers(config)
+    deepstack = family(config.model_type).deepstack_layers(config)
     if cfg.target.layer_ids:
         ids = list(cfg.target.layer_ids)
     else:
@@ -58,7 +59,7 @@ def make_manifest(cfg: ExtractConfig, config, tokenizer, layer_ids: list[int]) -
     return Manifest(target=info, target_layer_ids=layer_ids, storage=cfg.storage,
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                     generation=cfg.generation.settings().manifest_entry(cfg.target.dtype),
-                    special_tokens=special_token_ids(tokenizer))
+                    special_tokens=special_token_ids(tokenizer, family(config.model_type).chat))
 
 
 def export_target_files(writer: CacheWriter, target: Target) -> None:

@@ -4,40 +4,37 @@ mapped to tokens through the fast tokenizer's offsets.
 Working on characters keeps the spans independent of how a role header's last characters merge with an
 answer's first ones (the Qwen vocabularies merge "\\n\\n", so `<|im_start|>assistant\\n` followed by an answer
 that opens with a newline is not the header's token sequence followed by the answer's). A token is
-supervised only when all of its characters belong to the answer, so template text is never a label.
+supervised only when all of its characters belong to the answer, so template text is never a label. The
+markup (header, end of turn, empty think block, vision placeholders) is the family's (extract/families.py).
 """
 
 from bisect import bisect_left
 
 import numpy as np
 
-HEADER = "<|im_start|>assistant\n"
-END = "<|im_end|>"
-# What the Qwen thinking templates put before an answer that has no reasoning: not written by the model.
-EMPTY_THINK = "<think>\n\n</think>\n\n"
-# Placeholders the processor expands into one token per vision patch group.
-EXPANDED = ("<|image_pad|>", "<|video_pad|>")
+from extract.families import ChatMarkup
 
 
-def answer_char_spans(text: str, prompt_suffix: str = "") -> list[tuple[int, int]]:
-    """[start, end) characters of each closed assistant answer in `text`, its `<|im_end|>` included.
+def answer_char_spans(text: str, chat: ChatMarkup, prompt_suffix: str = "") -> list[tuple[int, int]]:
+    """[start, end) characters of each closed assistant answer in `text`, its end-of-turn token included.
 
     An answer starts after the header and after what the template writes there itself: an empty think
     block, else the generation prompt's own suffix (`prompt_suffix`, e.g. "<think>\\n"). A header with no
-    closing `<|im_end|>` (a generation prompt) is not an answer.
+    closing end-of-turn token (a generation prompt) is not an answer.
     """
+    header, end_of_turn = chat.assistant_header, chat.end_of_turn
     spans, i = [], 0
-    while (h := text.find(HEADER, i)) >= 0:
-        start = h + len(HEADER)
-        end = text.find(END, start)
+    while (h := text.find(header, i)) >= 0:
+        start = h + len(header)
+        end = text.find(end_of_turn, start)
         if end < 0:
             break
-        for prefix in (EMPTY_THINK, prompt_suffix):
+        for prefix in (chat.empty_think, prompt_suffix):
             if prefix and text.startswith(prefix, start) and start + len(prefix) <= end:
                 start += len(prefix)
                 break
-        spans.append((start, end + len(END)))
-        i = end + len(END)
+        spans.append((start, end + len(end_of_turn)))
+        i = end + len(end_of_turn)
     return spans
 
 
@@ -68,16 +65,17 @@ def align(text_ids: list[int], ids: list[int], expanded: set[int]) -> list[int]:
     return where
 
 
-def answer_token_spans(tokenizer, text: str, ids: list[int], prompt_suffix: str = "") -> list[tuple[int, int]]:
+def answer_token_spans(tokenizer, chat: ChatMarkup, text: str, ids: list[int],
+                       prompt_suffix: str = "") -> list[tuple[int, int]]:
     """Token spans in `ids` (the processor's encoding of `text`) of each closed assistant answer in `text`.
 
     An answer none of whose tokens lies wholly inside its characters comes back as an empty span (start ==
     end), for the caller to count.
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    expanded = {tokenizer.convert_tokens_to_ids(p) for p in EXPANDED} - {None, tokenizer.unk_token_id}
+    expanded = {tokenizer.convert_tokens_to_ids(p) for p in chat.expanded} - {None, tokenizer.unk_token_id}
     where = align(enc["input_ids"], ids, expanded)
-    spans = chars_to_tokens(enc["offset_mapping"], answer_char_spans(text, prompt_suffix))
+    spans = chars_to_tokens(enc["offset_mapping"], answer_char_spans(text, chat, prompt_suffix))
     return [(where[a], where[b - 1] + 1) if b > a else (0, 0) for a, b in spans]
 
 

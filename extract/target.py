@@ -1,4 +1,5 @@
-"""The frozen target: loading by `model_type`, layer-id rules, hidden-state capture hooks, head export.
+"""The frozen target: loading by `model_type` (its record in extract/families.py), layer-id rules, hidden-state
+capture hooks, head export.
 
 Layer ids follow the z-lab/SpecForge convention: id `i` names the output of decoder layer `i`, which is
 Hugging Face `output_hidden_states[i + 1]` (index 0 is the embedding output).
@@ -12,24 +13,17 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+import transformers
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+from extract.families import ChatMarkup, Family, family
 
 log = logging.getLogger(__name__)
 
-VISION_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-TEXT_FAMILIES = ("qwen3",)
-# Tokens a generated answer must never contain: they would be read back as image slots or turn headers.
-SUPPRESSED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def deepstack_layers(config) -> int:
-    """Qwen3-VL adds visual features to the outputs of its first len(deepstack_visual_indexes) layers."""
-    if config.model_type.startswith("qwen3_vl"):
-        return len(getattr(config.vision_config, "deepstack_visual_indexes", ()) or ())
-    return 0
 
 
 def default_layer_ids(num_layers: int, n: int, start: int = 1) -> list[int]:
@@ -74,25 +68,28 @@ def token_id(tokenizer, token: str) -> int | None:
     return None if tid is None or tid == tokenizer.unk_token_id else tid
 
 
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """The ids the cache manifest records (image, video, turn and pad tokens) that this tokenizer has."""
-    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-             "vision_start_token_id": "<|vision_start|>", "im_start_id": "<|im_start|>",
-             "im_end_id": "<|im_end|>", "pad_token_id": tokenizer.pad_token or "<|endoftext|>"}
+def special_token_ids(tokenizer, chat: ChatMarkup) -> dict[str, int]:
+    """The ids the cache manifest records (the family's image, video and turn tokens, and the pad token) that
+    this tokenizer has."""
+    names = {**dict(chat.special_tokens), "pad_token_id": tokenizer.pad_token or chat.pad}
     return {k: t for k, v in names.items() if (t := token_id(tokenizer, v)) is not None}
 
 
 @dataclass
 class Target:
     model: torch.nn.Module
-    processor: object  # Qwen3VLProcessor for vision families, the tokenizer for text ones
+    processor: object  # the checkpoint's processor for vision families, the tokenizer for text ones
     tokenizer: object
-    family: str
+    family: str  # the model_type
     name_or_path: str
 
     @property
+    def traits(self) -> Family:
+        return family(self.family)
+
+    @property
     def is_vision(self) -> bool:
-        return self.family in VISION_FAMILIES
+        return self.traits.vision
 
     @property
     def text_config(self):
@@ -100,13 +97,12 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.decoder.embed_tokens.weight.device
 
     @property
     def decoder(self):
         """The module holding `layers`, `embed_tokens` and `norm` of the language model."""
-        inner = self.model.model
-        return inner.language_model if self.is_vision else inner
+        return attrgetter(self.traits.decoder)(self.model)
 
     @property
     def layers(self):
@@ -115,19 +111,27 @@ class Target:
     def token_id(self, token: str) -> int | None:
         return token_id(self.tokenizer, token)
 
+    def token_ids(self, tokens) -> list[int]:
+        """The ids of those of `tokens` this tokenizer has."""
+        return [t for t in map(self.token_id, tokens) if t is not None]
+
     @cached_property
     def special_tokens(self) -> dict[str, int]:
-        return special_token_ids(self.tokenizer)
+        return special_token_ids(self.tokenizer, self.traits.chat)
+
+    @cached_property
+    def suppressed_ids(self) -> list[int]:
+        return self.token_ids(self.traits.chat.suppressed)
 
     @cached_property
     def eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
-        return sorted(set(ids) | {i for i in [self.token_id("<|im_end|>")] if i is not None})
+        return sorted(set(ids) | set(self.token_ids([self.traits.chat.end_of_turn])))
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
-        return {"embed_tokens": self.model.get_input_embeddings().weight.detach(),
-                "lm_head": self.model.get_output_embeddings().weight.detach(),
+        return {"embed_tokens": self.decoder.embed_tokens.weight.detach(),
+                "lm_head": attrgetter(self.traits.lm_head)(self.model).weight.detach(),
                 "final_norm": self.decoder.norm.weight.detach()}
 
     @contextmanager
@@ -148,13 +152,13 @@ class Target:
                 h.remove()
 
     def position_ids(self, batch: dict) -> torch.Tensor:
-        """The target's own 3-axis position ids [3, B, T] (text targets: the 1-D positions on all three axes)."""
+        """The target's own 3-axis position ids [3, B, T] (1-D RoPE targets: the 1-D positions on all three axes)."""
         ids = batch["input_ids"]
-        if not self.is_vision:
+        if not self.traits.mrope:
             mask = batch.get("attention_mask", torch.ones_like(ids))
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
             return pos[None].expand(3, -1, -1)
-        pos, _ = self.model.model.get_rope_index(
+        pos, _ = attrgetter(self.traits.rope_index)(self.model)(
             ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
             video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch.get("attention_mask"))
         return pos
@@ -163,15 +167,12 @@ class Target:
 def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, device_map: str | None = None,
                 attn_implementation: str = "sdpa", model_type: str | None = None) -> Target:
     config = AutoConfig.from_pretrained(path)
-    family = config.model_type
-    if family not in VISION_FAMILIES + TEXT_FAMILIES:
-        raise ValueError(f"target {path}: model_type {family!r} is not supported; "
-                         f"supported: {VISION_FAMILIES + TEXT_FAMILIES}")
-    if model_type and model_type != family:
-        raise ValueError(f"target.model_type={model_type!r} but {path} is a {family!r} model")
+    traits = family(config.model_type)
+    if model_type and model_type != traits.model_type:
+        raise ValueError(f"target.model_type={model_type!r} but {path} is a {traits.model_type!r} model")
     if dtype not in DTYPES:
         raise ValueError(f"target.dtype={dtype!r}; choose from {sorted(DTYPES)}")
-    auto = AutoModelForImageTextToText if family in VISION_FAMILIES else AutoModelForCausalLM
+    auto = getattr(transformers, traits.auto_class)
     with torch.random.fork_rng(devices=[]):  # initialisation of what the weights overwrite draws from it
         model = auto.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map,
                                      attn_implementation=attn_implementation)
@@ -179,7 +180,8 @@ def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, d
         model.to(device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path) if family in VISION_FAMILIES else tokenizer
-    log.info("loaded %s target %s (%d layers, hidden %d)", family, path,
+    processor = AutoProcessor.from_pretrained(path) if traits.vision else tokenizer
+    log.info("loaded %s target %s (%d layers, hidden %d)", traits.model_type, path,
              config.get_text_config().num_hidden_layers, config.get_text_config().hidden_size)
-    return Target(model=model, processor=processor, tokenizer=tokenizer, family=family, name_or_path=str(path))
+    return Target(model=model, processor=processor, tokenizer=tokenizer, family=traits.model_type,
+                  name_or_path=str(path))

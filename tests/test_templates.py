@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from extract.families import QWEN_CHAT
 from extract.formats import Conversation, SkipSample, parse_sample
 from extract.regenerate import Sequence, last_turn_prompt
-from extract.spans import EMPTY_THINK, END, HEADER, answer_char_spans, chars_to_tokens, loss_mask
+from extract.spans import answer_char_spans, chars_to_tokens, loss_mask
 from extract.target import load_target
 from helpers import prompts_of, sequences
-from tools.fixtures.tiny_targets import FAMILY_TEMPLATE, build_target
+from tools.fixtures.tiny_targets import SHAPES, build_target
+
+HEADER, END, EMPTY_THINK = QWEN_CHAT.assistant_header, QWEN_CHAT.end_of_turn, QWEN_CHAT.empty_think
 
 # (family of the tiny model, chat template variant, enable_thinking). The qwen3_vl model ends its turns by
 # itself, so it carries the thinking templates too, to give regenerated history turns under each of them;
@@ -61,7 +64,7 @@ def targets(tiny_targets, tmp_path_factory):
 
     def get(family, template):
         if (family, template) not in cache:
-            path = (tiny_targets / family if FAMILY_TEMPLATE[family] == template
+            path = (tiny_targets / family if SHAPES[family].template == template
                     else build_target(family, out, template=template))
             cache[family, template] = load_target(str(path), dtype="float32", device="cpu")
         return cache[family, template]
@@ -226,7 +229,7 @@ def test_char_spans_map_to_the_tokens_wholly_inside_them(targets):
     tok = targets("qwen3_vl", "qwen3_vl").tokenizer
     text = ("<|im_start|>user\nHi<|im_end|>\n" + HEADER + "\nA cat.<|im_end|>\n" + HEADER + EMPTY_THINK
             + "Dog é.<|im_end|>\n" + HEADER + "<think>\n")
-    chars = answer_char_spans(text, prompt_suffix="<think>\n")
+    chars = answer_char_spans(text, QWEN_CHAT, prompt_suffix="<think>\n")
     assert [text[a:b] for a, b in chars] == ["\nA cat." + END, "Dog é." + END]  # the open prompt is no answer
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     naive = [[i for i, (s, e) in enumerate(offsets) if a <= s and e <= b] for a, b in chars]

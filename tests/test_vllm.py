@@ -10,7 +10,7 @@ from cache_schema import CacheReader
 from extract.formats import SkipSample
 from extract.prompts import GenerationSettings, Prompts
 from extract.regenerate import generate, last_turn_prompt
-from extract.target import SUPPRESSED_TOKENS, load_target
+from extract.target import load_target
 from tools.demo.pipeline import COMMITTED_TARGET
 from tools.engines import run_vllm, vllm_python
 from tools.fixtures.tiny_targets import build_target
@@ -41,7 +41,7 @@ def test_vllm_greedy_equals_extractions_generate_on_the_rendered_prompts(served_
             pass
     assert len(batches) >= 8
     want = [generate(target, b, MAX_NEW)[0][0] for b in batches]
-    banned = [t for t in (target.token_id(s) for s in SUPPRESSED_TOKENS) if t is not None]
+    banned = target.suppressed_ids
     result = run_vllm({"model": str(served_target), "dtype": "float32", "max_model_len": 2048,
                        "prompts": [{"ids": b["input_ids"][0].tolist()} for b in batches], "max_tokens": MAX_NEW,
                        "stop_token_ids": target.eos_ids, "banned_token_ids": banned, "runs": [{"name": "greedy"}]})

@@ -33,7 +33,6 @@ from tqdm import tqdm  # noqa: E402
 from cache_schema import CacheError  # noqa: E402
 from extract.prompts import images_in  # noqa: E402
 from extract.regenerate import generate  # noqa: E402
-from extract.target import SUPPRESSED_TOKENS  # noqa: E402
 from tools.engines import ENGINES, RUNNER_POSITIONS, engine_prompt  # noqa: E402
 from tools.spec_decode import counting_skips, prepare, prompt_batches, source_conversations  # noqa: E402
 from train.export import export, is_our_export  # noqa: E402
@@ -165,10 +164,10 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         if served is None:
             served = export(d.drafter, "speculators", Path(tmp) / "export",
                             dtype=d.dtype if d.dtype in ("float32", "bfloat16") else "bfloat16")
-        image_id = target.token_id("<|image_pad|>")
+        image_id = target.special_tokens.get("image_token_id")
         request = {"model": target_path, "dtype": d.dtype, "memory_fraction": memory_fraction,
                    "max_tokens": limit, "stop_token_ids": target.eos_ids,
-                   "banned_token_ids": [t for t in map(target.token_id, SUPPRESSED_TOKENS) if t is not None],
+                   "banned_token_ids": target.suppressed_ids,
                    "max_model_len": max(b["input_ids"].shape[1] for _, b in items) + limit + block + 16,
                    "prompts": [engine_prompt(b["input_ids"][0].tolist(),
                                              images_in(c.messages[:c.assistant_turns[-1]], c), image_id,

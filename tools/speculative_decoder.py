@@ -23,13 +23,10 @@ import torch
 from transformers import DynamicCache
 
 from cache_schema.codecs import CODECS
-from extract.target import SUPPRESSED_TOKENS, Target
+from extract.families import FAMILIES
+from extract.target import Target
 from train.model import ContextCache
 from train.replay import GreedyDrafter, branch_points
-
-# Families whose every layer keeps a key/value cache that can be cut back after a rejection. Qwen3.5's linear
-# attention layers keep a recurrent state that cannot be rewound, so they are refused instead of re-prefilled.
-SUPPORTED = ("qwen3_vl", "qwen3_vl_moe", "qwen3")
 
 
 def _cut(kv: DynamicCache, length: int) -> None:
@@ -67,11 +64,17 @@ class SpeculativeDecoder:
     hidden_dtype: str  # the cache's storage: bf16 | fp8_e4m3
     vp: GreedyDrafter | None = None
     k: int = 4
+    # Feed the drafter the target's hidden states as computed, as serving engines do, instead of rounded as the
+    # cache stores them (what training saw).
+    engine_precision: bool = False
 
     def __post_init__(self):
-        if self.target.family not in SUPPORTED:
-            raise ValueError(f"speculative decoding supports {SUPPORTED}; {self.target.family!r} has layers whose "
-                             "recurrent state cannot be cut back after a rejected draft")
+        # A family whose cache cannot be cut back is refused rather than re-prefilled after every rejection.
+        if not self.target.traits.cache_can_be_cut:
+            can = ", ".join(t for t, f in FAMILIES.items() if f.cache_can_be_cut)
+            raise ValueError(f"speculative decoding cuts the target's cache back after a rejected draft; "
+                             f"{self.target.family!r} has layers whose recurrent state cannot be cut (supported: "
+                             f"{can})")
         if self.hidden_dtype not in CODECS:
             raise ValueError(f"cache storage.hidden_dtype={self.hidden_dtype!r}; known: {sorted(CODECS)}")
         if self.vp is not None and self.vp.block != self.dflash.block:
@@ -80,29 +83,31 @@ class SpeculativeDecoder:
         if self.k < 1:
             raise ValueError(f"k={self.k} must be >= 1")
         self.codec = CODECS[self.hidden_dtype]
-        self.suppress = [t for t in (self.target.token_id(s) for s in SUPPRESSED_TOKENS) if t is not None]
+        self.suppress = self.target.suppressed_ids
         self.device = self.dflash.head_VH.device
 
     # --- the target
 
     def _forward(self, inputs: dict, cache: DynamicCache | None, keep: int = 0):
         """Greedy next tokens after each input position (the last `keep`, or all) and the captured hidden states,
-        rounded as the cache stores them, [1, n, L, H] on the drafter's device; the target's cache grows."""
+        rounded as the cache stores them unless `engine_precision`, [1, n, L, H] on the drafter's device; the
+        target's cache grows."""
         with self.target.capture(self.layer_ids) as captured:
             out = self.target.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=keep)
         logits = out.logits[0].float()
         if self.suppress:
             logits[:, self.suppress] = float("-inf")
         hidden_TLH = torch.stack([captured[i][0] for i in self.layer_ids], dim=1)
-        rounded = self.codec.decode(*self.codec.encode(hidden_TLH))
-        return logits.argmax(-1).cpu(), rounded[None].to(self.device), out.past_key_values
+        if not self.engine_precision:
+            hidden_TLH = self.codec.decode(*self.codec.encode(hidden_TLH))
+        return logits.argmax(-1).cpu(), hidden_TLH[None].to(self.device), out.past_key_values
 
     def step_inputs(self, ids: list[int], start: int, delta: int) -> dict:
         """Tokens at sequence positions start.. with the position ids `generate` would give them: text positions,
         and for M-RoPE targets the same shifted by the prompt's rope delta on every axis."""
         dev = self.target.device
         pos = torch.arange(start, start + len(ids), device=dev)[None]
-        if self.target.is_vision:
+        if self.target.traits.mrope:
             pos = torch.cat([pos[None], (pos + delta)[None].expand(3, -1, -1)])
         return {"input_ids": torch.tensor([ids], device=dev), "position_ids": pos}
 

@@ -21,13 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_schema import CacheError, Manifest
+from extract.families import FAMILIES  # train's one import from extract: the family records, which import nothing
 from train.checkpoint import read_checkpoint
 from train.config import DrafterConfig
 from train.export_formats import FORMATS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Targets whose positions are 3-axis M-RoPE ids: axis 0 differs from the token index once an image is in context.
-MROPE_TARGETS = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+MROPE_TARGETS = tuple(t for t, f in FAMILIES.items() if f.mrope)
 
 
 def drafter_weight_names(num_layers: int) -> set[str]:
@@ -100,7 +101,7 @@ def draft_head(ckpt, cache: str | None) -> torch.Tensor:
     """The target's full LM head from the cache the drafter was trained on (its reduced head is a row subset)."""
     from cache_schema import CacheReader
 
-    url = cache or ckpt.cache_url
+    url = cache or next((c.url for c in ckpt.caches), None)  # a mixture's caches share one head
     if not url:
         raise ValueError(f"{ckpt.path}: reduced draft vocabulary needs the target's LM head rows; no cache is recorded "
                          "in the checkpoint config, pass --cache URL")
@@ -239,7 +240,8 @@ def load_export(path: Path, embed_VH: torch.Tensor | None = None,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path,
-                        help="a checkpoint directory (RUN/checkpoints/step-NNNNNNNN) or a run directory (its latest)")
+                        help="a checkpoint directory (RUN/checkpoints/step-NNNNNNNN), a run directory (its latest) "
+                             "or RUN/best (the best by replayed tau)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cache", help="cache holding the target's LM head (reduced vocabulary only); default: the "
