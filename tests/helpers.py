@@ -128,3 +128,17 @@ def prompts_of(target, **settings):
     from extract.prompts import GenerationSettings, Prompts
 
     return Prompts(target, GenerationSettings(**settings))
+
+
+def kill_once_saved(cmd: list[str], checkpoint: Path, timeout: float = 120) -> None:
+    """Start `cmd` and SIGKILL it as soon as `checkpoint` is complete (its state.json written)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (checkpoint / "state.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

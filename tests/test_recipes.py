@@ -3,10 +3,8 @@ early), several caches mixed by weight, experiment trackers; each on real caches
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from extract.run import run as extract
-from helpers import ROOT, compose_train, counting_cache, extract_config, tiny
+from helpers import ROOT, compose_train, counting_cache, extract_config, kill_once_saved, tiny
 from tools.demo import scenes
 from tools.demo.pipeline import COMMITTED_TARGET
 from train.caches import MixedDataset, open_caches, split
@@ -127,12 +125,7 @@ def test_killed_and_resumed_mixture_run_in_epochs_reproduces_the_loss_sequence(c
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", *COUNTING, *overrides, f"run_dir={run_dir}",
            f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "step-00000003" / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_saved(cmd, run_dir / "checkpoints" / "step-00000003")
     straight = losses(tmp_path / "straight")
     done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").exists())
     assert done and int(done[-1][5:]) < max(straight), "the kill must land before the end"

@@ -2,10 +2,8 @@
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from omegaconf import OmegaConf
 
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 from extract.run import run as extract
-from helpers import compose_train, tiny
+from helpers import compose_train, kill_once_saved, tiny
 from tools.plot_run import plot as plot_run
 from train.config import validate
 from train.objective import draft_vocab
@@ -72,12 +70,7 @@ def test_killed_and_resumed_run_reproduces_the_loss_sequence(cache, tmp_path):
     cmd = [sys.executable, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={run_dir}",
            "optim.max_steps=12", "log_every=1", "save_every=4", "eval_every=6", "progress=false",
            "objective.num_anchors=16", "threads=1", f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "step-00000004" / "state.json").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_saved(cmd, run_dir / "checkpoints" / "step-00000004")
     done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").exists())
     assert done and done[-1] < "step-00000012", "the kill must land before the end"
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)

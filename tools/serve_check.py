@@ -34,7 +34,8 @@ from cache_schema import CacheError  # noqa: E402
 from extract.prompts import images_in  # noqa: E402
 from extract.regenerate import generate  # noqa: E402
 from tools.engines import ENGINES, RUNNER_POSITIONS, engine_prompt  # noqa: E402
-from tools.spec_decode import counting_skips, prepare, prompt_batches, source_conversations  # noqa: E402
+from tools.spec_decode import (counting_skips, prepare, prompt_arguments, prompt_batches,  # noqa: E402
+                               source_conversations)
 from train.export import export, is_our_export  # noqa: E402
 from train.export_formats import FORMATS  # noqa: E402
 
@@ -285,11 +286,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="the target model directory, as the engine loads it")
-    p.add_argument("--drafter", required=True, type=Path, help="a run directory, a checkpoint, or an export")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
-    src.add_argument("--prompts", type=Path, help="a JSON list of samples, as tools.spec_decode takes")
+    prompt_arguments(p, "a run directory, a checkpoint, RUN/best, or an export")
     p.add_argument("--engine", default="vllm", choices=sorted(ENGINES))
     p.add_argument("--engine-python", type=Path,
                    help="the engine's interpreter (default: $DFLASH_VLLM_PYTHON or .venv-vllm from make setup-vllm)")

@@ -248,13 +248,18 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def prompt_arguments(p: argparse.ArgumentParser, drafter_help: str) -> None:
+    """--target, --drafter and the prompt source, as every command that decodes a drafter's prompts takes them."""
     p.add_argument("--target", required=True, help="the target model directory or hub id")
-    p.add_argument("--drafter", required=True, type=Path, help="a DFlash drafter checkpoint, run directory or RUN/best")
+    p.add_argument("--drafter", required=True, type=Path, help=drafter_help)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", help="webdataset shards (brace pattern or comma-separated list)")
-    src.add_argument("--prompts", type=Path, help="a JSON list of samples")
+    src.add_argument("--prompts", type=Path, help="a JSON list of samples (see tools.spec_decode)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prompt_arguments(p, "a DFlash drafter checkpoint, run directory or RUN/best")
     p.add_argument("--vp", type=Path, help="a VP drafter checkpoint or run directory: D2SD branching")
     p.add_argument("--k", type=int, default=4, help="D2SD branches per cycle")
     p.add_argument("--max-new-tokens", type=int, help="default: the cache's generation.max_new_tokens")
