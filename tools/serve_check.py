@@ -237,14 +237,16 @@ def table(report: dict) -> str:
              f"{report['runner']} runner: feeds {report['runner_position_source']} positions), {n} prompts, "
              f"block {report['block']}, drafter trained with {report['position_source']} positions and "
              f"{report['hidden_dtype']} states (served: {report['runner_position_source']}, unrounded)",
-             f"  {'':28}" + "".join(f"{name:>22}" for name, _ in cols)]
+             ]
+    per_position = [" ".join(_num(p, ".2f") for p in f["accept_per_position"]) for _, f in cols]
+    w = max(22, *(len(x) + 2 for x in per_position))
+    lines.append(f"  {'':28}" + "".join(f"{name:>{w}}" for name, _ in cols))
     for label, key, fmt in (("acceptance length 1+acc/drafts", "acceptance_length", ".3f"),
                             ("tau (committed per cycle)", "tau", ".3f"), ("drafts", "drafts", "d"),
                             ("accepted draft tokens", "accepted", "d"),
                             ("tokens/s speculative", "tokens_per_s", ".1f")):
-        lines.append(f"  {label:28}" + "".join(f"{_num(f[key], fmt):>22}" for _, f in cols))
-    lines.append(f"  {'accepted per position':28}" + "".join(
-        f"{' '.join(_num(p, '.2f') for p in f['accept_per_position']):>22}" for _, f in cols))
+        lines.append(f"  {label:28}" + "".join(f"{_num(f[key], fmt):>{w}}" for _, f in cols))
+    lines.append(f"  {'accepted per position':28}" + "".join(f"{x:>{w}}" for x in per_position))
     lines += [f"  engine greedy tokens/s      {report['engine_greedy_tokens_per_s']:.1f}",
               f"  lossless                    engine speculative = its greedy {lossless['engine_vs_its_greedy']}/{n}, "
               f"= transformers {lossless['engine_vs_transformers']}/{n}; engine greedy = transformers "
