@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from operator import attrgetter
+from pathlib import Path
 
 import torch
 import transformers
@@ -166,6 +167,8 @@ class Target:
 
 def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, device_map: str | None = None,
                 attn_implementation: str = "sdpa", model_type: str | None = None) -> Target:
+    if str(path).startswith(("/", ".", "~")) and not (Path(path).expanduser() / "config.json").is_file():
+        raise ValueError(f"target {path}: no model directory there (no config.json)")
     config = AutoConfig.from_pretrained(path)
     traits = family(config.model_type)
     if model_type and model_type != traits.model_type:
