@@ -103,7 +103,7 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     assert n == 16 and report["runner"] == "v1" and report["engine_version"] == "0.32.0"
     assert report["lossless"]["engine_vs_its_greedy"] == n and report["lossless"]["engine_vs_transformers"] == n
     assert report["agrees"], report["causes"]
-    assert agrees(report["engine"], report["ours_at_runner_positions"])
+    assert agrees(report["engine"], report["ours_as_served"])
     assert (tmp_path / "serve_check.png").stat().st_size > 0
 
     replay = evaluate_checkpoint(tmp / "mrope_axis0", cache=str(tmp / "heldout"),
@@ -127,11 +127,11 @@ def test_serve_check_of_a_token_index_drafter_on_the_v1_runner_predicts_the_engi
     report = run(str(LEARNED), tmp / "sequential", shards=heldout, out=tmp_path, progress=False)
     assert report["lossless"]["engine_vs_its_greedy"] == report["samples"]
     assert report["position_source"] == "sequential" and report["runner_position_source"] == "mrope_axis0"
-    assert agrees(report["engine"], report["ours_at_runner_positions"]), report["causes"]
+    assert agrees(report["engine"], report["ours_as_served"]), report["causes"]
     named = "position source" in [c["cause"] for c in report["causes"]]
-    assert named == (not agrees(report["ours"], report["ours_at_runner_positions"]))
-    assert report["ours"]["drafts"] != report["ours_at_runner_positions"]["drafts"] or \
-        report["ours"]["accepted"] != report["ours_at_runner_positions"]["accepted"]  # the positions were changed
+    assert named == (not agrees(report["ours"], report["ours_as_served"]))
+    assert report["ours"]["drafts"] != report["ours_as_served"]["drafts"] or \
+        report["ours"]["accepted"] != report["ours_as_served"]["accepted"]  # the positions were changed
 
 
 def test_our_images_are_the_pixels_vllms_own_loader_gives(tmp_path):

@@ -36,6 +36,7 @@ from extract.regenerate import generate  # noqa: E402
 from tools.engines import ENGINES, RUNNER_POSITIONS, engine_prompt  # noqa: E402
 from tools.spec_decode import (counting_skips, prepare, prompt_arguments, prompt_batches,  # noqa: E402
                                source_conversations)
+from train.export import DTYPES as EXPORT_DTYPES  # noqa: E402
 from train.export import export, is_our_export  # noqa: E402
 from train.export_formats import FORMATS  # noqa: E402
 
@@ -103,7 +104,7 @@ def diagnose(report: dict) -> list[dict]:
     def cause(name: str, detail: str) -> None:
         causes.append({"cause": name, "detail": detail})
 
-    ours, runner_side, engine = report["ours"], report["ours_at_runner_positions"], report["engine"]
+    ours, as_served, engine = report["ours"], report["ours_as_served"], report["engine"]
     differs = [p for p in report["prompts"] if p["engine_greedy"] != p["reference"]]
     if differs:
         p = differs[0]
@@ -119,9 +120,9 @@ def diagnose(report: dict) -> list[dict]:
               f"speculative decoding changed the engine's output on {len(broken)} prompts ({broken[0]} first): the "
               "engine's verification is not lossless, a defect of the engine, not the drafter")
     trained, fed = report["position_source"], report["runner_position_source"]
-    if not agrees(ours, runner_side):
+    if not agrees(ours, as_served):
         measured = (f"fed as the engine feeds it our replay gives acceptance length "
-                    f"{runner_side['acceptance_length']:.3f}, as trained {ours['acceptance_length']:.3f}")
+                    f"{as_served['acceptance_length']:.3f}, as trained {ours['acceptance_length']:.3f}")
         if trained != fed:
             cause("position source",
                   f"{report['engine_name']}'s {report['runner']} runner feeds the drafter {fed} positions, it was "
@@ -131,7 +132,7 @@ def diagnose(report: dict) -> list[dict]:
             cause("cache rounding",
                   f"the engine feeds the drafter the target's hidden states unrounded, training saw them rounded to "
                   f"the cache's {report['hidden_dtype']}; {measured}")
-    if not agrees(engine, runner_side):
+    if not agrees(engine, as_served):
         layers = report["drafter_layers"]
         if report["engine_name"] == "vllm" and report["engine_device"] == "cpu" and layers > 1:
             cause("vLLM CPU rms_norm defect",
@@ -140,8 +141,8 @@ def diagnose(report: dict) -> list[dict]:
                   "not affected")
         else:
             cause("unexplained",
-                  f"the engine accepts {engine['accepted']} of {engine['drafts']} drafts, our replay at "
-                  f"its positions {runner_side['accepted']} of {runner_side['drafts']}; compare the export's "
+                  f"the engine accepts {engine['accepted']} of {engine['drafts']} drafts, our replay as served "
+                  f"{as_served['accepted']} of {as_served['drafts']}; compare the export's "
                   "target_layer_ids with the cache's, the target revision the engine loads, and the engine version")
     return causes
 
@@ -164,7 +165,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
         if served is None:
             served = export(d.drafter, "speculators", Path(tmp) / "export",
-                            dtype=d.dtype if d.dtype in ("float32", "bfloat16") else "bfloat16")
+                            dtype=d.dtype if d.dtype in EXPORT_DTYPES else "bfloat16")
         image_id = target.special_tokens.get("image_token_id")
         request = {"model": target_path, "dtype": d.dtype, "memory_fraction": memory_fraction,
                    "max_tokens": limit, "stop_token_ids": target.eos_ids,
@@ -183,7 +184,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     fed = RUNNER_POSITIONS[engine, runner]
     # Ours as trained (the offline replay's inputs: hidden states rounded as the cache stores them, the trained
     # positions) and ours as the engine feeds the drafter (unrounded states, the runner's positions).
-    sides = {"ours": d.spec, "ours_at_runner_positions": replace(d.spec, position_source=fed, engine_precision=True)}
+    sides = {"ours": d.spec, "ours_as_served": replace(d.spec, position_source=fed, engine_precision=True)}
     decoded = {name: [] for name in sides}
     seconds = dict.fromkeys(sides, 0.0)
     rows = []
@@ -201,7 +202,8 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     report = {"target": target_path, "drafter": str(d.drafter), "export": str(served) if drafter != checkpoint
               else "speculators, written for this check", "engine_name": engine, "engine_version": result["version"],
               "engine_device": result["device"], "runner": runner, "runner_position_source": fed,
-              "position_source": d.spec.position_source, "hidden_dtype": d.spec.hidden_dtype, "drafter_layers": len(d.spec.dflash.model.layers),
+              "position_source": d.spec.position_source, "hidden_dtype": d.spec.hidden_dtype,
+              "drafter_layers": len(d.spec.dflash.model.layers),
               "block": block, "max_new_tokens": limit, "samples": len(rows), "skipped": dict(skipped),
               "tie_share": TIE_SHARE,
               "engine": engine_figures(result["runs"]["speculative"]),
@@ -232,7 +234,7 @@ def _num(x, fmt: str = ".3f") -> str:
 def table(report: dict) -> str:
     n, lossless = report["samples"], report["lossless"]
     cols = [("engine", report["engine"]), ("ours, as trained", report["ours"]),
-            ("ours, as served", report["ours_at_runner_positions"])]
+            ("ours, as served", report["ours_as_served"])]
     lines = [f"serve check: {report['engine_name']} {report['engine_version']} ({report['engine_device']}, "
              f"{report['runner']} runner: feeds {report['runner_position_source']} positions), {n} prompts, "
              f"block {report['block']}, drafter trained with {report['position_source']} positions and "
@@ -268,7 +270,7 @@ def plot(report: dict, path: Path) -> None:
     """Acceptance per draft position: the engine beside our replay at both position sources."""
     sides = [("engine", report["engine"]),
              (f"ours as trained ({report['position_source']}, {report['hidden_dtype']} states)", report["ours"]),
-             (f"ours as served ({report['runner_position_source']}, unrounded)", report["ours_at_runner_positions"])]
+             (f"ours as served ({report['runner_position_source']}, unrounded)", report["ours_as_served"])]
     k = range(1, report["block"])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(sides)

@@ -19,8 +19,8 @@ from cache_schema import CacheReader
 from tools.demo import learned_target, scenes
 from tools.engines import vllm_python
 
-# Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB, so that
-# the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
+# Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB,
+# so that the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
 COMMITTED_TARGET = Path(__file__).parent / "assets" / "learned_target"
 # Sizes that keep the whole demo within about 15 minutes on 2 CPU cores (see BENCHMARKS.md).
 TRAIN_PROMPTS = 1024
@@ -38,8 +38,8 @@ def serve_rows(served: dict | None) -> list[tuple[str, str]]:
     e, n, lossless = served["engine"], served["samples"], served["lossless"]
     return [
         (f"vLLM {served['runner']} runner: acceptance 1+acc/drafts (ours)",
-         f"{e['acceptance_length']:.3f} ({served['ours']['acceptance_length']:.3f}; at its positions "
-         f"{served['ours_at_runner_positions']['acceptance_length']:.3f})"),
+         f"{e['acceptance_length']:.3f} ({served['ours']['acceptance_length']:.3f}; as served "
+         f"{served['ours_as_served']['acceptance_length']:.3f})"),
         ("vLLM: tau, committed per cycle (ours)", f"{e['tau']:.3f} ({served['ours']['tau']:.3f})"),
         ("vLLM lossless (speculative == its greedy == transformers)",
          f"{'yes' if lossless['engine_vs_its_greedy'] == lossless['engine_vs_transformers'] == n else 'NO'} "
