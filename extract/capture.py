@@ -1,4 +1,8 @@
-"""One teacher-forced forward per final sequence, capturing the chosen layers' outputs into a cache Sample."""
+"""One teacher-forced forward per final sequence, capturing the chosen layers' outputs into a cache Sample; for
+answers a serving engine wrote, the same forward checks each token against the target's own greedy choice."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,11 +13,55 @@ from extract.spans import loss_mask
 from extract.target import Target
 
 
+@dataclass
+class Agreement:
+    """An engine's answer against the target's teacher-forced greedy choice at every one of its tokens."""
+
+    disagrees: bool = False
+    position: int | None = None  # first answer token the target would not have chosen
+    gap: float | None = None  # by how much (logits) the target prefers its own token there
+    tie: bool = False  # the gap lies within the rounding of the target's dtype at that logit's size
+
+
+# A gap within this many units of the dtype's precision at the logits' magnitude is a tie: another kernel (the
+# engine's), summing in another order, may resolve it either way.
+TIE_ULPS = 8
+
+
+def agreement(target: Target, final_TH: torch.Tensor, ids: torch.Tensor, span: tuple[int, int]) -> Agreement:
+    start, end = span
+    head = target.head_tensors()["lm_head"]
+    logits = (final_TH[start - 1:end - 1] @ head.T).float()
+    if target.suppressed_ids:
+        logits[:, target.suppressed_ids] = float("-inf")
+    chosen, written = logits.argmax(-1), ids[start:end]
+    wrong = (chosen != written).nonzero()
+    if not len(wrong):
+        return Agreement()
+    j = int(wrong[0])
+    row = logits[j]
+    gap = float(row[chosen[j]] - row[written[j]])
+    precision = torch.finfo(final_TH.dtype).eps * float(row[chosen[j]].abs().clamp_min(1))
+    return Agreement(True, j, gap, gap <= TIE_ULPS * precision)
+
+
+@contextmanager
+def final_states(target: Target):
+    """The final norm's output (what the LM head reads) of each forward."""
+    out = {}
+    handle = target.decoder.norm.register_forward_hook(lambda _m, _a, output: out.update(states=output))
+    try:
+        yield out
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
-def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> Sample:
+def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> tuple[Sample, Agreement | None]:
+    """The cache sample of `seq`, and for an engine's answers their agreement with the target."""
     inputs = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in seq.inputs.items()}
     positions = target.position_ids(inputs)[:, 0, :]
-    with target.capture(layer_ids) as captured:
+    with target.capture(layer_ids) as captured, final_states(target) as final:
         target.model(**inputs, use_cache=False, logits_to_keep=1)
     hidden_TLH = torch.stack([captured[i][0] for i in layer_ids], dim=1)
     ids = inputs["input_ids"][0]
@@ -23,7 +71,8 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> Sample:
     meta = {"source": seq.conv.source, "num_images": seq.images, "num_image_tokens": n_image,
             "assistant_turns": seq.turns, "truncated_turns": seq.truncated_turns,
             "dropped_turns": seq.dropped_turns, "generated_tokens": seq.generated_tokens}
+    checked = agreement(target, final["states"][0], ids, seq.spans[-1]) if seq.engine_answered else None
     return Sample(key=seq.conv.key, input_ids=ids.cpu().numpy().astype(np.int32),
                   loss_mask=loss_mask(ids.shape[0], seq.spans),
                   position_ids=positions.cpu().numpy().astype(np.int32),
-                  hidden_TLH=hidden_TLH.to(torch.bfloat16).cpu(), meta=meta)
+                  hidden_TLH=hidden_TLH.to(torch.bfloat16).cpu(), meta=meta), checked

@@ -10,6 +10,8 @@ from cache_schema.layout import HIDDEN_DTYPES
 from cache_schema.storage import compressors
 from extract.prompts import GenerationSettings
 
+ENGINES = ("transformers", "vllm")
+
 
 @dataclass
 class TargetConfig:
@@ -42,6 +44,16 @@ class GenerationConfig(GenerationSettings):
     # Conversations are read in windows of this many batches and sorted by text length before batching, so a
     # batch's rows pad little and do not wait long on one long answer (bench/extract_bench.py); 1: input order.
     sort_window: int = 8
+    # Who writes the answers: "transformers" (the loaded target's generate) or "vllm" (a serving engine in its own
+    # interpreter, before the target is loaded: extract/engine.py). Either answers greedily under the settings above.
+    engine: str = "transformers"
+    engine_python: str | None = None  # vLLM's interpreter; None: $DFLASH_VLLM_PYTHON or .venv-vllm
+    engine_window: int = 256  # conversations the engine gets at once (each window is saved when answered)
+    # Of each GPU for the engine; on the CPU build, of the machine's memory for its KV cache. None: 0.85 on GPUs,
+    # 0.08 on a CPU.
+    engine_memory_fraction: float | None = None
+    engine_tensor_parallel: int = 1  # GPUs of one rank's engine
+    engine_max_images: int = 8  # images one prompt may hold
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
@@ -65,11 +77,23 @@ class ExtractConfig:
         if self.storage.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"storage.hidden_dtype={self.storage.hidden_dtype!r}; choose from {HIDDEN_DTYPES}")
         compressors(self.storage.compression)
+        if self.generation.engine not in ENGINES:
+            raise ValueError(f"generation.engine={self.generation.engine!r}; choose from {ENGINES}")
+        if self.generation.engine != "transformers" and not self.generation.regenerate:
+            raise ValueError(f"generation.engine={self.generation.engine} regenerates; generation.regenerate=false "
+                             "keeps the dataset's answers, so it takes no engine")
+        fraction = self.generation.engine_memory_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"generation.engine_memory_fraction={self.generation.engine_memory_fraction!r} must "
+                             "lie in (0, 1]")
         self.generation.settings().check()
         counts = {"generation.batch_size": self.generation.batch_size,
                   "generation.sort_window": self.generation.sort_window,
                   "target.num_capture_layers": self.target.num_capture_layers,
-                  "storage.chunk_tokens": self.storage.chunk_tokens, "threads": self.threads}
+                  "storage.chunk_tokens": self.storage.chunk_tokens, "threads": self.threads,
+                  "generation.engine_window": self.generation.engine_window,
+                  "generation.engine_tensor_parallel": self.generation.engine_tensor_parallel,
+                  "generation.engine_max_images": self.generation.engine_max_images}
         for key, value in counts.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{key}={value!r} must be an integer >= 1")

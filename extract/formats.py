@@ -59,6 +59,7 @@ class Conversation:
     source: str
     messages: list[dict]  # {"role", "content": [{"type": "text"|"image", ...}]}
     images: list[Image.Image] = field(default_factory=list)
+    index: int = 0  # its place among the readable conversations of its shard, the same on every read
 
     @property
     def assistant_turns(self) -> list[int]:

@@ -9,20 +9,20 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from itertools import islice
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from cache_schema import CacheWriter, Manifest, TargetInfo
-from cache_schema.layout import COMMIT_MARKER, MARKER_SCHEMA, SHARDS_DIR
+from extract.batching import length_sorted_batches
 from extract.capture import capture
+from extract.engine import answered_dialogs, load_answers, regenerate_shards, remove_answers
 from extract.config import ExtractConfig
 from extract.families import family
-from extract.formats import Conversation, SkipSample, guarded
+from extract.formats import SkipSample, guarded
+from extract.progress import ShardProgress
 from extract.prompts import Prompts
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
@@ -30,8 +30,6 @@ from extract.target import (Target, check_layer_ids, config_fingerprint, default
                             special_token_ids, tokenizer_fingerprint)
 
 log = logging.getLogger("extract")
-# Decoded pixels one sort window may hold (RGB: 3 bytes each, about 1.5 GB): past it the window is cut short.
-WINDOW_PIXELS = 500_000_000
 
 
 def resolve_layer_ids(cfg: ExtractConfig, config) -> list[int]:
@@ -70,85 +68,6 @@ def export_target_files(writer: CacheWriter, target: Target) -> None:
         writer.write_target_files(target.head_tensors(), tmp)
 
 
-def batched(iterable, n):
-    it = iter(iterable)
-    while batch := list(islice(it, n)):
-        yield batch
-
-
-def text_length(conv: Conversation) -> int:
-    return sum(len(part.get("text", "")) for m in conv.messages for part in m["content"])
-
-
-def windows(convs, size: int, max_pixels: int = WINDOW_PIXELS):
-    """Runs of `size` conversations, cut short where their decoded images reach `max_pixels`: a window holds
-    its images decoded, so its memory is bounded by what the budget allows, not by what the data declares."""
-    pool, pixels = [], 0
-    for conv in convs:
-        pool.append(conv)
-        pixels += sum(img.width * img.height for img in conv.images)
-        if len(pool) == size or pixels >= max_pixels:
-            yield pool
-            pool, pixels = [], 0
-    if pool:
-        yield pool
-
-
-def length_sorted_batches(convs, batch_size: int, window: int, max_pixels: int = WINDOW_PIXELS):
-    """Batches of `batch_size` from windows of `window` batches (fewer where their images reach `max_pixels`),
-    each window sorted by text length (the dataset answers' length stands in for the regenerated ones');
-    deterministic, so every run writes the same order."""
-    for pool in windows(convs, batch_size * window, max_pixels):
-        if window > 1:
-            pool.sort(key=text_length)
-        yield from batched(pool, batch_size)
-
-
-class ShardProgress:
-    """A bar over conversations read (kept or skipped) against an estimate of this rank's total: its shards
-    times the mean conversations per shard, from the shards this run finished or, before the first one, the
-    cache's committed shards. So a long run shows a total and an ETA from the first minutes on."""
-
-    def __init__(self, writer: CacheWriter, shards: int, rank: int, enabled: bool):
-        self.shards, self.done_shards, self.read, self.read_at_shard_end = shards, 0, 0, 0
-        self.skipped = 0  # skips of the current shard already counted in `read`
-        committed = sorted(writer.committed())[:8] if enabled else []
-        sizes = [conversations_in(writer.loc.read_json(SHARDS_DIR, name, COMMIT_MARKER, schema=MARKER_SCHEMA))
-                 for name in committed]
-        self.prior = sum(sizes) / len(sizes) if sizes else None
-        self.bar = tqdm(unit="conv", desc=f"extract[{rank}]", disable=not enabled, position=rank,
-                        total=self._estimate())
-
-    def _estimate(self) -> int | None:
-        per_shard = self.read_at_shard_end / self.done_shards if self.done_shards else self.prior
-        if per_shard is None:
-            return None
-        return max(self.read, round(per_shard * self.shards))
-
-    def update(self, kept: int, skipped: int, **postfix) -> None:
-        """`kept` more conversations cached; `skipped`: the shard's skips so far."""
-        read = kept + skipped - self.skipped
-        self.read, self.skipped = self.read + read, skipped
-        self.bar.update(read)
-        self.bar.set_postfix(shard=f"{self.done_shards + 1}/{self.shards}", skipped=skipped, **postfix)
-
-    def shard_done(self, skipped: int) -> None:
-        """The shard is committed, `skipped` its skips in all (some may follow its last batch)."""
-        self.update(0, skipped)
-        self.skipped = 0
-        self.done_shards += 1
-        self.read_at_shard_end = self.read
-        self.bar.total = self._estimate()
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def conversations_in(marker: dict) -> int:
-    return marker["samples"] + sum((marker.get("skipped") or {}).values())
-
-
 def run(cfg: ExtractConfig) -> dict:
     """Extract every input shard of this rank; the caller's thread count is restored afterwards."""
     cfg.validate()
@@ -181,6 +100,12 @@ def _run(cfg: ExtractConfig) -> dict:
     export = state.is_main_process and not writer.target_files_written()
     start = time.perf_counter()
     incomplete = {}
+    for url in mine:
+        if output_shard_name(url) in done:  # a run killed between a commit and the removal of its answers
+            remove_answers(writer, url)
+    if todo and cfg.generation.engine != "transformers":
+        # The engine first, alone on this rank's devices; the target is loaded once it has finished.
+        regenerate_shards(cfg, writer, todo, state.process_index, state.local_process_index, torch.cuda.is_available())
     if todo or export:
         target = load_target(cfg.target.path, dtype=cfg.target.dtype,
                              device=cfg.target.device or str(state.device), device_map=cfg.target.device_map,
@@ -217,19 +142,23 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
         name = output_shard_name(url)
         shard = writer.shard(name)
         skips, turns = Counter(), Counter()
+        answers = load_answers(writer, url) if cfg.generation.engine != "transformers" else None
         try:
             for batch in length_sorted_batches(conversations(url, cfg.data.format, on_skip),
                                                cfg.generation.batch_size, cfg.generation.sort_window):
                 kept = 0
-                for result in build_sequences(prompts, batch, on_skip):
+                answered = None if answers is None else answered_dialogs(answers, batch)
+                for result in build_sequences(prompts, batch, on_skip, answered):
                     try:
-                        sample = guarded("capture_failed", capture, target, result, layer_ids)
+                        sample, checked = guarded("capture_failed", capture, target, result, layer_ids)
                     except SkipSample as skip:
                         on_skip(result.conv.key, skip)
                         continue
                     turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns,
                                  engine_token_ids=result.engine_ids,
                                  retokenization_mismatch=result.retokenized_differs)
+                    if checked is not None:
+                        count_agreement(turns, checked, result.conv.key)
                     shard.add(sample)
                     kept += 1
                     totals["captured_tokens"] += len(sample)
@@ -246,9 +175,24 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
             bar.shard_done(sum(skips.values()))  # read, if not committed: it counts for the estimate
             continue
         shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
+        remove_answers(writer, url)
         bar.shard_done(sum(skips.values()))
     bar.close()
     return incomplete
+
+
+ENGINE_COUNTS = ("engine_answered", "engine_disagreements", "engine_disagreement_ties")
+
+
+def count_agreement(turns: Counter, checked, key: str) -> None:
+    """An engine-written last turn, counted in the marker; a token the target would not have chosen is logged with
+    its logit gap."""
+    turns.update(engine_answered=1, engine_disagreements=int(checked.disagrees),
+                 engine_disagreement_ties=int(checked.tie))
+    if checked.disagrees:
+        log.warning("sample %s: the engine's answer token %d is not the target's greedy choice (the target prefers "
+                    "its own by %.3g logits: %s)", key, checked.position, checked.gap,
+                    "a tie at this dtype" if checked.tie else "beyond ties")
 
 
 def write_summary(writer: CacheWriter, url: str, incomplete: dict[str, str], seconds: float) -> dict:
@@ -259,6 +203,7 @@ def write_summary(writer: CacheWriter, url: str, incomplete: dict[str, str], sec
              "duplicate_keys", "last_run_seconds")
     lines = [f"  {k}: {summary[k]}" for k in shown]
     lines += [f"  skipped.{k}: {v}" for k, v in summary["skipped"].items()] or ["  skipped: none"]
+    lines += [f"  turns.{k}: {v}" for k, v in summary.get("turns", {}).items() if k in ENGINE_COUNTS]
     if summary["duplicate_keys"]:
         lines.append(f"  duplicate key examples: {', '.join(summary['duplicate_key_examples'])}")
     lines += [f"  NOT COMMITTED (re-run to retry) {k}: {v}" for k, v in summary["incomplete_input_shards"].items()]

@@ -191,8 +191,12 @@ def _checked(record: dict, problem: SkipSample | None, on_skip) -> Iterator[dict
 
 def conversations(url: str, fmt: str, on_skip) -> Iterator[Conversation]:
     """Parse every record of one input shard; a bad sample's SkipSample goes to `on_skip(key, skip)`."""
+    index = 0
     for record in tar_records(url, on_skip):
         try:
-            yield guarded("unreadable_sample", parse_sample, record, url, fmt)
+            conv = guarded("unreadable_sample", parse_sample, record, url, fmt)
         except SkipSample as skip:
             on_skip(record["__key__"], skip)
+            continue
+        conv.index, index = index, index + 1
+        yield conv

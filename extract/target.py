@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 
 from extract.families import ChatMarkup, Family, family
 
@@ -83,6 +83,8 @@ class Target:
     tokenizer: object
     family: str  # the model_type
     name_or_path: str
+    generation_config: object = None  # the checkpoint's; the model's own when None
+
 
     @property
     def traits(self) -> Family:
@@ -126,7 +128,7 @@ class Target:
 
     @cached_property
     def eos_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
+        ids = (self.generation_config or self.model.generation_config).eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
         return sorted(set(ids) | set(self.token_ids([self.traits.chat.end_of_turn])))
 
@@ -165,14 +167,35 @@ class Target:
         return pos
 
 
-def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, device_map: str | None = None,
-                attn_implementation: str = "sdpa", model_type: str | None = None) -> Target:
+def load_processors(path: str, model_type: str | None = None) -> Target:
+    """The target without its weights: what renders and encodes prompts (tokenizer, processor, chat markup,
+    end-of-turn ids), for a serving engine that holds the model itself."""
+    config = _checked_config(path, model_type)
+    traits = family(config.model_type)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: transformers derives the model's from its config, as here
+        generation = GenerationConfig.from_model_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path) if traits.vision else tokenizer
+    return Target(model=None, processor=processor, tokenizer=tokenizer, family=traits.model_type,
+                  name_or_path=str(path), generation_config=generation)
+
+
+def _checked_config(path: str, model_type: str | None):
     if str(path).startswith(("/", ".", "~")) and not (Path(path).expanduser() / "config.json").is_file():
         raise ValueError(f"target {path}: no model directory there (no config.json)")
     config = AutoConfig.from_pretrained(path)
     traits = family(config.model_type)
     if model_type and model_type != traits.model_type:
         raise ValueError(f"target.model_type={model_type!r} but {path} is a {traits.model_type!r} model")
+    return config
+
+
+def load_target(path: str, dtype: str = "bfloat16", device: str | None = None, device_map: str | None = None,
+                attn_implementation: str = "sdpa", model_type: str | None = None) -> Target:
+    config = _checked_config(path, model_type)
+    traits = family(config.model_type)
     if dtype not in DTYPES:
         raise ValueError(f"target.dtype={dtype!r}; choose from {sorted(DTYPES)}")
     auto = getattr(transformers, traits.auto_class)

@@ -44,7 +44,7 @@ def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targe
     layer_ids = [i for i in [0, 2, 3, 6] if i >= target.traits.deepstack_layers(target.model.config)]
     seqs = sequences(target, convs[:4], max_new_tokens=12)
     for seq in seqs:
-        sample = capture(target, seq, layer_ids)
+        sample, _ = capture(target, seq, layer_ids)
         with torch.no_grad():
             out = target.model(**seq.inputs, output_hidden_states=True)
         for j, layer in enumerate(layer_ids):

@@ -21,7 +21,8 @@ from cache_schema import CacheReader
 from cache_schema.codecs import bf16_to_words
 from extract.config import ExtractConfig
 from extract.formats import Conversation
-from extract.run import length_sorted_batches, run, text_length
+from extract.batching import length_sorted_batches, text_length
+from extract.run import run
 from extract.target import check_layer_ids, default_layer_ids
 from helpers import extract_config as config
 from tools.fixtures.demo_shards import write_shards

@@ -3,6 +3,7 @@ tools.engines, regenerates exactly what extraction's transformers `generate` doe
 renders. Equal token for token: both run the tiny target in fp32 on the CPU, and its random logits have no
 near-ties at this size (a tie would show as a first differing position, which the assertion names)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,93 @@ def test_serve_check_of_a_token_index_drafter_on_the_v1_runner_predicts_the_engi
     assert named == (not agrees(report["ours"], report["ours_as_served"]))
     assert report["ours"]["drafts"] != report["ours_as_served"]["drafts"] or \
         report["ours"]["accepted"] != report["ours_as_served"]["accepted"]  # the positions were changed
+
+
+def assert_same_cache(a: str, b: str) -> int:
+    """Every sample of cache `b` equals cache `a`'s: keys, ids, loss masks, positions, hidden states, bit for bit."""
+    want, got = CacheReader(a), CacheReader(b)
+    assert len(want) == len(got) > 0
+    for i in range(len(want)):
+        x, y = want[i], got[i]
+        assert x.key == y.key and np.array_equal(x.input_ids, y.input_ids), f"sample {i} ({x.key}): other ids"
+        assert np.array_equal(x.loss_mask, y.loss_mask) and np.array_equal(x.position_ids, y.position_ids)
+        assert torch.equal(x.hidden_TLH, y.hidden_TLH), f"sample {i}: other hidden states"
+    return len(want)
+
+
+def engine_extract_args(cache, shards: str, window: int) -> list[str]:
+    return ["target=learned", f"out={cache}", f"data.shards='{shards}'", "generation.engine=vllm",
+            "generation.max_new_tokens=64", "generation.batch_size=16", f"generation.engine_window={window}",
+            "progress=false", "target.device=cpu"]
+
+
+def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned_runs, tmp_path):
+    """`generation.engine=vllm` on the learned target's held-out image and text prompts: vLLM answers every turn,
+    transformers captures, and the cache equals the one in-process regeneration wrote (the fixture's), bit for
+    bit: both compute the target in fp32, vLLM with its own kernels, and no answer token of the 16 is a tie. The
+    capture's own check finds every answer token the target's greedy choice."""
+    from extract.run import run as extract
+    from helpers import ROOT
+
+    tmp, heldout = learned_runs
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("extract", overrides=engine_extract_args(tmp_path / "cache", heldout, 5)))
+    cfg.target.path = str(ROOT / cfg.target.path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = extract(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    n = assert_same_cache(str(tmp / "heldout"), str(tmp_path / "cache"))
+    assert summary["turns"]["engine_answered"] == n == 16
+    assert summary["turns"]["engine_disagreements"] == 0
+    assert not (tmp_path / "cache" / "regenerated").exists()  # the answers went into the committed shard
+
+
+def test_a_regeneration_killed_mid_shard_resumes_from_its_saved_windows(learned_runs, tmp_path):
+    """kill -9 of `python -m extract generation.engine=vllm` (and its engine) once the engine has answered some
+    windows of the shard: the windows written are whole, the next run asks the engine only for the others, and
+    the cache equals an uninterrupted in-process extraction."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from extract.engine import ANSWERS_DIR, ANSWERS_SCHEMA
+    from helpers import ROOT
+
+    tmp, heldout = learned_runs
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "extract", *engine_extract_args(cache, heldout, 2), "threads=1",
+           f"hydra.run.dir={tmp_path / 'logs'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    answers = cache / ANSWERS_DIR
+    try:
+        deadline = time.monotonic() + 600
+        while len(list(answers.rglob("*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kept = sorted(answers.rglob("*.json"))
+    assert 2 <= len(kept) < 8, "the run was to be killed mid-shard, with some of its 8 windows answered"
+    for path in kept:  # whole files only: each one is written under a temporary name, then renamed
+        ANSWERS_SCHEMA.check(json.loads(path.read_text()), str(path))
+    assert not (cache / "shards").exists() or not list((cache / "shards").glob("*/_COMMITTED.json"))
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_cache(str(tmp / "heldout"), str(cache))
+    assert "engine_answered: 16" in rerun.stdout and "engine_disagreements: 0" in rerun.stdout
+    assert f"{8 - len(kept)} windows answered now, {len(kept)} kept from an earlier run" in rerun.stdout + rerun.stderr
+    assert not answers.exists()
 
 
 def test_our_images_are_the_pixels_vllms_own_loader_gives(tmp_path):

@@ -1,5 +1,7 @@
-"""Serving engines run in their own interpreter, fed and read back through files (DESIGN: nothing of a serving
-engine is imported into this project's environment). `run_vllm` is our side; `vllm_generate.py` the engine's."""
+"""Serving engines run in their own interpreter, fed and read back through files or pipes (DESIGN: nothing of a
+serving engine is imported into this project's environment). `run_vllm` (one request file, one result) and
+`VllmWorker` (a long-lived engine answering batches) are our side; `vllm_generate.py` and `vllm_worker.py` the
+engine's."""
 
 import json
 import os
@@ -34,14 +36,22 @@ def vllm_python() -> Path | None:
     return path if path.exists() else None
 
 
-def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -> dict:
-    """Run `vllm_generate.py` on `request` under vLLM's interpreter; its result. Raises RuntimeError with the
-    tail of the engine's output if it fails."""
+def checked_python(python: Path | None) -> Path:
     python = python or vllm_python()
     if python is None:
         raise RuntimeError(f"no vLLM interpreter: run `make setup-vllm` or set DFLASH_VLLM_PYTHON ({VLLM_PYTHON})")
     if not Path(python).is_file():
         raise RuntimeError(f"vLLM interpreter {python} does not exist")
+    return Path(python)
+
+
+ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -> dict:
+    """Run `vllm_generate.py` on `request` under vLLM's interpreter; its result. Raises RuntimeError with the
+    tail of the engine's output if it fails."""
+    python = checked_python(python)
     script = Path(__file__).with_name("vllm_generate.py")
     with tempfile.TemporaryDirectory(prefix="vllm-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
@@ -49,12 +59,66 @@ def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -
         # Its own working directory: the engine's spawned workers re-import the script, not our packages.
         try:
             proc = subprocess.run([str(python), str(script), str(req), str(res)], cwd=tmp, capture_output=True,
-                                  text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+                                  text=True, timeout=timeout, env={**os.environ, **ENGINE_ENV})
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"vLLM did not finish within {timeout} s") from e
         if proc.returncode != 0 or not res.exists():
             raise RuntimeError(f"vLLM failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         return json.loads(res.read_text())
+
+
+class VllmWorker:
+    """`vllm_worker.py` under vLLM's interpreter, started once and asked batch after batch over its pipes.
+    `config` is the worker's CONFIG; `devices` the GPUs it may use (CUDA_VISIBLE_DEVICES), None for all."""
+
+    def __init__(self, config: dict, python: Path | None = None, devices: list[int] | None = None,
+                 log_path: Path | None = None):
+        python = checked_python(python)
+        self.tmp = tempfile.TemporaryDirectory(prefix="vllm-worker-")
+        path = Path(self.tmp.name) / "config.json"
+        path.write_text(json.dumps(config))
+        env = {**os.environ, **ENGINE_ENV}
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        self.log_path = log_path or Path(self.tmp.name) / "engine.log"
+        self.log = open(self.log_path, "w")
+        script = Path(__file__).with_name("vllm_worker.py")
+        # Its own working directory: the engine's spawned workers re-import the script, not our packages.
+        self.proc = subprocess.Popen([str(python), str(script), str(path)], cwd=self.tmp.name, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.info = self._read()["ready"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.flush()
+            tail = self.log_path.read_text()[-4000:]
+            raise RuntimeError(f"the vLLM worker stopped (exit {self.proc.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def generate(self, prompts: list[dict]) -> dict:
+        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each)."""
+        self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # Each engine's runner: (request, its interpreter or None for the default) -> result, as vllm_generate.py defines.

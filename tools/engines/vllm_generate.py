@@ -43,22 +43,33 @@ def engine_prompt(prompt: dict) -> dict:
     return out
 
 
-def generate(request: dict, speculative_config: dict | None):
-    from vllm import LLM, SamplingParams
+def make_llm(request: dict, images: int, speculative_config: dict | None):
+    from vllm import LLM
 
-    images = max((len(p.get("images", [])) for p in request["prompts"]), default=0)
-    llm = LLM(model=request["model"], dtype=request.get("dtype", "auto"),
-              max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0, disable_log_stats=False,
-              # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
-              gpu_memory_utilization=request.get("memory_fraction", 0.08),
-              limit_mm_per_prompt={"image": images} if images else None, speculative_config=speculative_config)
+    return LLM(model=request["model"], dtype=request.get("dtype", "auto"),
+               max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0, disable_log_stats=False,
+               # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
+               gpu_memory_utilization=request.get("memory_fraction", 0.08),
+               tensor_parallel_size=request.get("tensor_parallel_size", 1),
+               limit_mm_per_prompt={"image": images} if images else None, speculative_config=speculative_config)
+
+
+def sampling_params(request: dict, speculative: bool):
+    from vllm import SamplingParams
+
     # Tokens extraction never lets the target write (image slots, turn headers), pushed out as its generate does
     # (there -inf; an additive -100 here, which no real logit gap comes near). vLLM refuses logit_bias together
     # with speculative decoding, so a speculative run goes without.
-    banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])} if speculative_config is None else {}
-    params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
-                            stop_token_ids=request.get("stop_token_ids") or None, detokenize=False,
-                            logit_bias=banned or None)
+    banned = {int(t): -100.0 for t in request.get("banned_token_ids", [])} if not speculative else {}
+    return SamplingParams(temperature=0.0, max_tokens=request["max_tokens"],
+                          stop_token_ids=request.get("stop_token_ids") or None, detokenize=False,
+                          logit_bias=banned or None)
+
+
+def generate(request: dict, speculative_config: dict | None):
+    images = max((len(p.get("images", [])) for p in request["prompts"]), default=0)
+    llm = make_llm(request, images, speculative_config)
+    params = sampling_params(request, speculative_config is not None)
     prompts = [engine_prompt(p) for p in request["prompts"]]
     started = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

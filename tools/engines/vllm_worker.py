@@ -1,0 +1,69 @@
+"""A long-lived vLLM engine answering generation requests, run in vLLM's own interpreter: nothing of this project is
+imported here. Extraction's regeneration keeps one per rank for all of its shards, so the engine starts once.
+
+    .venv-vllm/bin/python tools/engines/vllm_worker.py CONFIG.json
+
+CONFIG:  {"model": DIR, "dtype": ..., "max_model_len": N, "memory_fraction": F, "tensor_parallel_size": N,
+          "images_per_prompt": N, "max_tokens": N, "stop_token_ids": [...], "banned_token_ids": [...]}
+Then one JSON request per line on stdin, {"prompts": [{"ids": [...], "images": [files]}, ...]}, and one answer
+per line on stdout, {"outputs": [{"ids": [...], "finish": "stop" | "length"} | {"error": "..."}], "seconds": s}.
+The first line written is {"ready": {"version": ..., "device": ..., "runner": ...}}. A prompt the engine refuses
+(too long for its context, an image it cannot read) gets an error of its own; the others are answered. Every log
+line of the engine goes to stderr, so stdout carries only the protocol.
+"""
+
+import json
+import os
+import sys
+import time
+
+from vllm_generate import engine_prompt, make_llm, sampling_params
+
+
+def answer(llm, params, prompts: list[dict]) -> list[dict]:
+    """Each prompt's greedy answer; when the batch fails, each prompt alone, so one refusal costs only itself."""
+    def run(batch):
+        return [{"ids": list(o.outputs[0].token_ids), "finish": o.outputs[0].finish_reason}
+                for o in llm.generate([engine_prompt(p) for p in batch], params, use_tqdm=False)]
+    try:
+        return run(prompts)
+    except Exception:  # noqa: BLE001 - which prompt the engine refuses is found below
+        if len(prompts) == 1:
+            raise
+    out = []
+    for p in prompts:
+        try:
+            out += run([p])
+        except Exception as e:  # noqa: BLE001 - the refusal is the answer
+            out.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return out
+
+
+def main(config_path: str) -> None:
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the engine's own prints and logs go to stderr
+    import vllm
+    from vllm.platforms import current_platform
+
+    config = json.loads(open(config_path).read())
+    llm = make_llm(config, config.get("images_per_prompt", 0), None)
+    params = sampling_params(config, speculative=False)
+    runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
+    ready = {"version": vllm.__version__, "device": current_platform.device_type, "runner": runner}
+    protocol.write(json.dumps({"ready": ready}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        started = time.perf_counter()
+        try:
+            outputs = answer(llm, params, request["prompts"])
+        except Exception as e:  # noqa: BLE001 - a lone prompt the engine refuses
+            outputs = [{"error": f"{type(e).__name__}: {str(e)[:300]}"}]
+        protocol.write(json.dumps({"outputs": outputs, "seconds": time.perf_counter() - started}) + "\n")
+        protocol.flush()
+
+
+if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(sys.argv[1])
