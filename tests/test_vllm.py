@@ -153,6 +153,18 @@ def engine_extract_args(cache, shards: str, window: int) -> list[str]:
             "progress=false", "target.device=cpu"]
 
 
+def engine_extract_config(root, cache, shards: str, window: int, *overrides):
+    """The config `python -m extract` composes from engine_extract_args, the target's path made absolute."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("extract", overrides=[*engine_extract_args(cache, shards, window),
+                                                                "threads=1", *overrides]))
+    cfg.target.path = str(root / cfg.target.path)
+    return cfg
+
+
 def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned_runs, tmp_path):
     """`generation.engine=vllm` on the learned target's held-out image and text prompts: vLLM answers every turn,
     transformers captures, and the cache equals the one in-process regeneration wrote (the fixture's), bit for
@@ -162,22 +174,32 @@ def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned
     from helpers import ROOT
 
     tmp, heldout = learned_runs
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("extract", overrides=engine_extract_args(tmp_path / "cache", heldout, 5)))
-    cfg.target.path = str(ROOT / cfg.target.path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = extract(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    summary = extract(engine_extract_config(ROOT, tmp_path / "cache", heldout, 5))
     n = assert_same_cache(str(tmp / "heldout"), str(tmp_path / "cache"))
     assert summary["turns"]["engine_answered"] == n == 16
     assert summary["turns"]["engine_disagreements"] == 0
     assert not (tmp_path / "cache" / "regenerated").exists()  # the answers went into the committed shard
+
+
+def test_a_prompt_the_engine_refuses_is_a_counted_skip_and_the_rest_is_unchanged(learned_runs, tmp_path):
+    """With `generation.engine_max_images=1` vLLM refuses every held-out prompt holding two images: each is skipped
+    as `engine_refused` with the engine's reason, and every other conversation is cached exactly as in process."""
+    from extract.run import run as extract
+    from helpers import ROOT
+
+    tmp, heldout = learned_runs
+    cfg = engine_extract_config(ROOT, tmp_path / "cache", heldout, 16, "generation.engine_max_images=1")
+    summary = extract(cfg)
+    want = CacheReader(str(tmp / "heldout"))
+    two = {want[i].key for i in range(len(want)) if want[i].meta["num_images"] == 2}
+    assert len(two) >= 2 and summary["skipped"] == {"engine_refused": len(two)}
+    got = CacheReader(str(tmp_path / "cache"))
+    kept = {got[i].key: got[i] for i in range(len(got))}
+    assert set(kept) == {want[i].key for i in range(len(want))} - two
+    for i in range(len(want)):
+        if want[i].key in kept:
+            assert np.array_equal(want[i].input_ids, kept[want[i].key].input_ids)
+            assert torch.equal(want[i].hidden_TLH, kept[want[i].key].hidden_TLH)
 
 
 def test_a_regeneration_killed_mid_shard_resumes_from_its_saved_windows(learned_runs, tmp_path):
