@@ -67,7 +67,7 @@ demo: setup setup-vllm ## whole pipeline on a tiny target and generated shards, 
 inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
 	$(PY) -m tools.inspect_cache $(CACHE) $(ARGS)
 
-extract: setup ## stage one: make extract DATA='shards/train-{000000..000099}.tar' CONF=qwen3vl30b OUT=cache/x [NGPU=8]
+extract: setup $(if $(findstring generation.engine=vllm,$(ARGS)),setup-vllm) ## stage one: make extract DATA='shards/train-{000000..000099}.tar' CONF=qwen3vl30b OUT=cache/x [NGPU=8]
 	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make extract DATA='shards/x-{000000..000009}.tar' CONF=target OUT=cache_dir"; exit 2; }
 	$(LAUNCH) -m extract target=$(CONF) "data.shards='$(DATA)'" out=$(OUT) $(ARGS)
 
