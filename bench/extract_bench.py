@@ -115,7 +115,8 @@ def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, de
     if vllm_python() is not None and Path(target.name_or_path).is_dir():
         answers.update(engine_rows(target, convs, in_order, max_new_tokens, device))
     first, *rest = answers.values()
-    differ = ", ".join(f"{name}: {sum(first[k] != got[k] for k in first)}" for name, got in zip(list(answers)[1:], rest))
+    differ = ", ".join(f"{name}: {sum(first[k] != got[k] for k in first)}"
+                       for name, got in zip(list(answers)[1:], rest))
     print(f"conversations (of {len(first)}) whose answers differ from input order's: {differ} (padding and kernels "
           "change the arithmetic; fp32 CPU ties are rare)")
 

@@ -11,8 +11,8 @@ as the regenerated ids of each turn, the same path in-process answers take, so a
 
 Each window of a shard (`generation.engine_window` conversations, fewer where their images reach the window's
 pixel budget) is written whole, atomically, as regenerated/SHARD/FIRST-LAST.json in the cache (its conversations'
-indices): a killed run keeps every finished window and the next run asks the engine only for the rest. A shard's files are removed once it is
-committed. A prompt the engine refuses is a skip counted by reason (`engine_refused`).
+indices): a killed run keeps every finished window and the next run asks the engine only for the rest. A shard's
+files are removed once it is committed. A prompt the engine refuses is a skip counted by reason (`engine_refused`).
 """
 
 import json
@@ -80,8 +80,9 @@ def engine_config(cfg, target: Target, cuda: bool) -> dict:
     model = str(local.resolve()) if local.exists() else str(cfg.target.path)  # the worker runs in its own folder
     # Past the model's own position limit the engine refuses to start; there it cuts an answer as `length`.
     limit = AutoConfig.from_pretrained(cfg.target.path).get_text_config().max_position_embeddings
+    fraction = g.engine_memory_fraction or (0.85 if cuda else 0.08)
     return {"model": model, "dtype": cfg.target.dtype, "max_tokens": g.max_new_tokens,
-            "max_model_len": min(g.max_length + g.max_new_tokens, limit), "memory_fraction": g.engine_memory_fraction or (0.85 if cuda else 0.08),
+            "max_model_len": min(g.max_length + g.max_new_tokens, limit), "memory_fraction": fraction,
             "tensor_parallel_size": g.engine_tensor_parallel, "images_per_prompt": g.engine_max_images,
             "stop_token_ids": target.eos_ids, "banned_token_ids": target.suppressed_ids}
 
@@ -172,9 +173,9 @@ def answered_dialogs(answers: dict, window: list) -> dict[int, Dialog]:
             raise IncompleteShard(conv.source, "engine_unanswered",
                                   f"conversation {conv.index} ({conv.key}) has no engine answer")
         if row[0] != conv.key:
+            folder = f"{ANSWERS_DIR}/{output_shard_name(conv.source)}"
             raise ValueError(f"{conv.source}: conversation {conv.index} is {conv.key}, the engine answered "
-                             f"{row[0]}: the shard changed since; remove {ANSWERS_DIR}/{output_shard_name(conv.source)} "
-                             "from the cache and run again")
+                             f"{row[0]}: the shard changed since; remove {folder} from the cache and run again")
         _, ids, truncated, skip = row
         out[conv.index] = Dialog(conv, answers=ids, truncated=truncated, skip=skip)
     return out
