@@ -181,6 +181,7 @@ def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned
     assert not (tmp_path / "cache" / "regenerated").exists()  # the answers went into the committed shard
 
 
+@pytest.mark.slow  # an engine start and a target load more (about 1.3 min): `make test-all`
 def test_a_prompt_the_engine_refuses_is_a_counted_skip_and_the_rest_is_unchanged(learned_runs, tmp_path):
     """With `generation.engine_max_images=1` vLLM refuses every held-out prompt holding two images: each is skipped
     as `engine_refused` with the engine's reason, and every other conversation is cached exactly as in process."""
@@ -202,6 +203,7 @@ def test_a_prompt_the_engine_refuses_is_a_counted_skip_and_the_rest_is_unchanged
             assert torch.equal(want[i].hidden_TLH, kept[want[i].key].hidden_TLH)
 
 
+@pytest.mark.slow  # two engine starts and two target loads more (about 2.5 min): `make test-all`
 def test_a_regeneration_killed_mid_shard_resumes_from_its_saved_windows(learned_runs, tmp_path):
     """kill -9 of `python -m extract generation.engine=vllm` (and its engine) once the engine has answered some
     windows of the shard: the windows written are whole, the next run asks the engine only for the others, and
