@@ -42,7 +42,9 @@ class Family:
     lm_head: str  # dotted path from the loaded model to the LM head
     rope_index: str | None  # dotted path to the model's 3-axis M-RoPE `get_rope_index`; None: 1-D RoPE
     deepstack_key: str | None  # vision_config field listing the deepstack layers (visual features added)
-    cache_can_be_cut: bool  # every layer's decoding cache can be cut back after a rejected draft
+    # Some layers keep a recurrent and convolutional state (linear attention), which a rejected draft cannot be
+    # cut out of; speculative decoding keeps their per-position states through verification instead.
+    recurrent_state: bool
     chat: ChatMarkup
 
     @property
@@ -56,20 +58,20 @@ class Family:
         return len(getattr(config.vision_config, self.deepstack_key, ()) or ())
 
 
-def _qwen_vlm(model_type: str, deepstack_key: str | None, cache_can_be_cut: bool) -> Family:
+def _qwen_vlm(model_type: str, deepstack_key: str | None, recurrent_state: bool) -> Family:
     return Family(model_type, "AutoModelForImageTextToText", vision=True, decoder="model.language_model",
                   lm_head="lm_head", rope_index="model.get_rope_index", deepstack_key=deepstack_key,
-                  cache_can_be_cut=cache_can_be_cut, chat=QWEN_CHAT)
+                  recurrent_state=recurrent_state, chat=QWEN_CHAT)
 
 
-# Qwen3.5/3.6 interleave linear-attention layers, whose recurrent state cannot be rewound to a shorter prefix.
+# Qwen3.5/3.6 interleave Gated DeltaNet (linear-attention) layers with a full-attention layer every few.
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    _qwen_vlm("qwen3_vl", "deepstack_visual_indexes", cache_can_be_cut=True),
-    _qwen_vlm("qwen3_vl_moe", "deepstack_visual_indexes", cache_can_be_cut=True),
-    _qwen_vlm("qwen3_5", None, cache_can_be_cut=False),
-    _qwen_vlm("qwen3_5_moe", None, cache_can_be_cut=False),
+    _qwen_vlm("qwen3_vl", "deepstack_visual_indexes", recurrent_state=False),
+    _qwen_vlm("qwen3_vl_moe", "deepstack_visual_indexes", recurrent_state=False),
+    _qwen_vlm("qwen3_5", None, recurrent_state=True),
+    _qwen_vlm("qwen3_5_moe", None, recurrent_state=True),
     Family("qwen3", "AutoModelForCausalLM", vision=False, decoder="model", lm_head="lm_head", rope_index=None,
-           deepstack_key=None, cache_can_be_cut=True, chat=QWEN_CHAT),
+           deepstack_key=None, recurrent_state=False, chat=QWEN_CHAT),
 )}
 
 

@@ -1,6 +1,9 @@
 """Reference speculative decoding: cached drafting equals the masked training forward, every output equals the
-target's greedy `generate` (single image, multi-image, multi-turn, text-only; D2SD on and off), and the online
-tau equals the offline replay of the same prompts' cache."""
+target's greedy `generate` (single image, multi-image, multi-turn, text-only; D2SD on and off; Qwen3-VL and the
+linear-attention Qwen3.5), every accept length cuts the target's cache back exactly, and the online tau equals
+the offline replay of the same prompts' cache."""
+
+import dataclasses
 
 import json
 from pathlib import Path
@@ -13,11 +16,15 @@ from PIL import Image
 
 from helpers import seeded
 from cache_schema import CacheReader
+from extract.families import FAMILIES
+from extract.formats import SkipSample
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 from extract.prompts import GenerationSettings, Prompts
 from extract.regenerate import generate, last_turn_prompt
 from extract.run import run as extract
-from extract.target import Target, load_target
+from extract.target import load_target
+from tools.fixtures.oracle_drafts import OracleDecoder
+from tools.fixtures.tiny_targets import build_target
 from tools.spec_decode import run, shard_conversations
 from tools.speculative_decoder import SpeculativeDecoder, may_beat
 from train.attention import build_mask
@@ -76,27 +83,31 @@ def train_drafter(cache: Path, run_dir: Path, mode: str, steps: int) -> Path:
     return run_dir / "checkpoints" / f"step-{steps:08d}"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_targets, demo_shards):
-    """A cache of one demo shard (single image, multi-image, multi-turn, text-only) extracted by the tiny
-    qwen3_vl, and a DFlash and a VP drafter trained on it."""
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
+def trained(request, tmp_path_factory, tiny_targets, demo_shards):
+    """A cache of one demo shard (single image, multi-image, multi-turn, text-only) extracted by a tiny target
+    (Qwen3-VL; Qwen3.5, whose linear-attention layers keep a recurrent state), and a DFlash and a VP drafter
+    trained on it."""
     tmp = tmp_path_factory.mktemp("spec")
     shard = str(demo_shards[0])
     extract(ExtractConfig(out=str(tmp / "cache"), target=TargetConfig(
-        path=str(tiny_targets / "qwen3_vl"), dtype="float32", device="cpu", layer_ids=[2, 4, 5]),
+        path=str(tiny_targets / request.param), dtype="float32", device="cpu", layer_ids=[2, 4, 5]),
         data=InputConfig(shards=shard), generation=GenerationConfig(max_new_tokens=MAX_NEW, batch_size=8),
         progress=False))
     return (tmp / "cache", shard, train_drafter(tmp / "cache", tmp / "dflash", "dflash", 60),
-            train_drafter(tmp / "cache", tmp / "vp", "vp", 20))
+            train_drafter(tmp / "cache", tmp / "vp", "vp", 20), tiny_targets / request.param)
 
 
-def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None) -> dict:
+def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None, keys: set[str]) -> dict:
+    """The replay's last-turn figures over the cached samples `keys` (those decoded online)."""
     reader = CacheReader(str(cache))
     head = reader.head_tensors()
     drafters = [load_drafter(p, head["embed_tokens"], head["lm_head"]) for p in [ckpt] + ([vp] if vp else [])]
     dataset = CacheDataset(reader, reader.shards, drafters[0].drafter.position_source)
     draftings = [GreedyDrafter.from_checkpoint(d) for d in drafters]
-    records = replay_records(dataset, range(len(dataset)), draftings[0], draftings[1] if vp else None, k=4)
+    records = [r for r in replay_records(dataset, range(len(dataset)), draftings[0], draftings[1] if vp else None,
+                                         k=4) if r["key"] in keys]
+    assert len(records) == len(keys)
     return replay_figures(records, drafters[0].drafter.block_size, "d2sd" if vp else "dflash")["last_turn"]
 
 
@@ -104,17 +115,20 @@ def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None) -> dict:
 def test_online_equals_generate_and_the_offline_replay(trained, tiny_targets, tmp_path, branches):
     """DFlash alone, and D2SD with the barely trained VP drafter first and the DFlash drafter branching from its
     likely rejections (so branches win and are verified: the path a well-trained pair takes less often)."""
-    cache, shard, ckpt, vp = trained
+    cache, shard, ckpt, vp, target = trained
     first, branch = (vp, ckpt) if branches else (ckpt, None)
-    report = run(str(tiny_targets / "qwen3_vl"), first, shards=shard, vp=branch, out=tmp_path, progress=False)
+    report = run(str(target), first, shards=shard, vp=branch, out=tmp_path, progress=False)
     rows = report["prompts"]
-    assert {r["images"] for r in rows} == {0, 1, 2} and len(rows) == 8  # text-only, single and multi-image
+    assert {r["images"] for r in rows} == {0, 1, 2}  # text-only, single and multi-image
+    # The tiny Qwen3.5 writes to the token limit, so extraction cut its multi-turn conversations after turn one.
+    assert len(rows) + report["skipped"].get("history_truncated", 0) == 8
     assert [r["key"] for r in rows if not r["lossless"]] == []
     assert report["lossless"] and json.loads((tmp_path / "spec_decode.json").read_text())["lossless"]
     assert max(a for r in rows for a in r["accepted"]) >= 2  # drafts were accepted
     if branches:
         assert report["target_forwards_per_cycle"] > 1  # some branches were sent to the target
-    offline = offline_last_turn(cache, first, branch)
+    # Cached samples whose later turns were cut have no last-turn prompt online; the replay skips them too.
+    offline = offline_last_turn(cache, first, branch, {r["key"] for r in rows})
     # Measured: online and offline agree exactly here, for both (gap 0.000; tau 3.333 over 15 cycles, identical
     # histograms of a); block forwards and extraction's one teacher-forced forward may still round a hidden
     # state to another bf16 word.
@@ -140,28 +154,66 @@ def test_text_target_with_random_drafters_is_lossless(tiny_targets, demo_shards)
             assert sum(out.committed) == len(reference) - 1 and len(out.accepted) == len(out.committed)
 
 
-def test_prompts_file_with_an_image_and_a_bare_question(trained, tiny_targets, tmp_path):
-    cache, shard, ckpt, vp = trained
+def test_prompts_file_with_an_image_and_a_bare_question(trained, tmp_path):
+    cache, shard, ckpt, vp, target = trained
     Image.new("RGB", (48, 40), (200, 30, 90)).save(tmp_path / "a.png")
     (tmp_path / "prompts.json").write_text(json.dumps([
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is here?"}]}],
          "images": ["a.png"]},
         {"conversations": [{"from": "human", "value": "Tell me a story."}]}]))
-    report = run(str(tiny_targets / "qwen3_vl"), ckpt, prompts=tmp_path / "prompts.json", vp=vp, max_new_tokens=8,
+    report = run(str(target), ckpt, prompts=tmp_path / "prompts.json", vp=vp, max_new_tokens=8,
                  progress=False)
     assert report["lossless"] and [r["images"] for r in report["prompts"]] == [1, 0]
     assert all(r["generated"] <= 8 for r in report["prompts"])
 
 
 def test_refusals_name_the_problem(trained, tiny_targets, tmp_path):
-    cache, shard, ckpt, vp = trained
-    recurrent = Target(model=None, processor=None, tokenizer=None, family="qwen3_5", name_or_path="x")
-    with pytest.raises(ValueError, match="recurrent state"):
-        SpeculativeDecoder(recurrent, None, [2], "sequential", "bf16")
-    with pytest.raises(ValueError, match="model_type 'qwen3_vl' in its cache, 'qwen3' loaded"):
+    cache, shard, ckpt, vp, target = trained
+    with pytest.raises(ValueError, match=f"model_type '{target.name}' in its cache, 'qwen3' loaded"):
         run(str(tiny_targets / "qwen3"), ckpt, shards=shard, progress=False)
     with pytest.raises(ValueError, match="exactly one of --shards and --prompts"):
-        run(str(tiny_targets / "qwen3_vl"), ckpt, progress=False)
+        run(str(target), ckpt, progress=False)
+
+
+def oracle_decoder(path: Path, block: int) -> OracleDecoder:
+    target = load_target(str(path), dtype="float32", device="cpu")
+    head = target.head_tensors()
+    V, H = head["lm_head"].shape
+    drafter = GreedyDrafter.of(random_drafter(H, V, [1], block, V - 1, 0), head["lm_head"], block, V - 1)
+    return OracleDecoder(target, drafter, [1], "sequential", "bf16")
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3"])
+def test_every_accept_length_cuts_the_target_cache_back_exactly(tiny_targets, demo_shards, tmp_path, family):
+    """Drafts that are the target's own answer with one slot per block made wrong (or none), at random: each
+    accept length 0..B-1 occurs, so the cache is cut back by every amount, a whole block accepted included, and
+    the output still equals `generate`. For Qwen3.5 the cut returns the linear-attention layers to their recorded
+    state after the last accepted token; without it the next verification would read the rejected tokens."""
+    block, max_new = 4, 40
+    # The fixture's tiny MoE answers every prompt in 3 tokens; without the end-of-turn boost it writes on.
+    path = build_target(family, tmp_path, end_scale=0.0) if family == "qwen3_5_moe" else tiny_targets / family
+    spec = oracle_decoder(path, block)
+    renderer = Prompts(spec.target, GenerationSettings(max_new_tokens=max_new))
+    seen = set()
+    for i, conv in enumerate(shard_conversations(",".join(map(str, demo_shards)))):
+        try:
+            batch = last_turn_prompt(renderer, conv)
+        except SkipSample:  # an earlier turn hit max_new
+            continue
+        (reference,), _ = generate(spec.target, batch, max_new)
+        out = spec.decode_towards(batch, reference, max_new, seed=i)
+        assert out.tokens == reference, conv.key
+        seen |= set(out.matched)
+    assert seen == set(range(block))
+
+
+def test_a_linear_attention_target_whose_record_says_otherwise_is_refused(tiny_targets, demo_shards, monkeypatch):
+    spec = oracle_decoder(tiny_targets / "qwen3_5", 4)
+    monkeypatch.setitem(FAMILIES, "qwen3_5", dataclasses.replace(FAMILIES["qwen3_5"], recurrent_state=False))
+    batch = last_turn_prompt(Prompts(spec.target, GenerationSettings(max_new_tokens=8)),
+                             next(iter(shard_conversations(str(demo_shards[1])))))
+    with pytest.raises(ValueError, match=r"linear-attention layers \[0, 1, 2, 4, 5, 6\].*recurrent_state=False"):
+        spec.decode(batch, 8)
 
 
 def test_a_branch_is_verified_only_when_it_can_beat_the_best():

@@ -4,7 +4,11 @@ After the target's prefill writes the first answer token, each cycle drafts the 
 at the drafter's positions (its recorded position source, as in training) over the drafter's own cache of the
 fused context, verifies it with one target forward, accepts a = the leading draft tokens equal to the target's
 greedy tokens, and commits them plus the target's own next token, never past the end-of-turn token or
-`max_new_tokens`. The drafter's context grows by the verified positions' hidden states rounded as the cache
+`max_new_tokens`. The target's cache is then cut back to the committed prefix: attention layers drop the
+rejected positions; linear-attention layers (Qwen3.5/3.6) keep a state, not positions, so verification records
+their state after every block position (transformers' past recording, as serving engines keep per-position
+states) and the cut returns them to the state after the last accepted one (docs/decisions.md says why not a
+snapshot and a re-run). The drafter's context grows by the verified positions' hidden states rounded as the cache
 stores them (bf16 words, or fp8 codes with their scales). Every committed token is the target's greedy choice,
 so the output equals `generate(do_sample=False)` up to ties that a block forward breaks differently from a
 one-token forward.
@@ -23,18 +27,9 @@ import torch
 from transformers import DynamicCache
 
 from cache_schema.codecs import CODECS
-from extract.families import FAMILIES
 from extract.target import Target
 from train.model import ContextCache
 from train.replay import GreedyDrafter, branch_points
-
-
-def _cut(kv: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of the target's cache (crop takes the count to remove, negated)."""
-    extra = kv.get_seq_length() - length
-    assert extra >= 0, (kv.get_seq_length(), length)
-    if extra:
-        kv.crop(-extra)
 
 
 def may_beat(draft: torch.Tensor, a: int, greedy: torch.Tensor) -> bool:
@@ -69,12 +64,6 @@ class SpeculativeDecoder:
     engine_precision: bool = False
 
     def __post_init__(self):
-        # A family whose cache cannot be cut back is refused rather than re-prefilled after every rejection.
-        if not self.target.traits.cache_can_be_cut:
-            can = ", ".join(t for t, f in FAMILIES.items() if f.cache_can_be_cut)
-            raise ValueError(f"speculative decoding cuts the target's cache back after a rejected draft; "
-                             f"{self.target.family!r} has layers whose recurrent state cannot be cut (supported: "
-                             f"{can})")
         if self.hidden_dtype not in CODECS:
             raise ValueError(f"cache storage.hidden_dtype={self.hidden_dtype!r}; known: {sorted(CODECS)}")
         if self.vp is not None and self.vp.block != self.dflash.block:
@@ -87,6 +76,26 @@ class SpeculativeDecoder:
         self.device = self.dflash.head_VH.device
 
     # --- the target
+
+    def _cache(self) -> DynamicCache:
+        """An empty decoding cache; for a family with linear-attention layers, those record their state after each
+        of the last B positions of every forward, so that a cut can return to any of them."""
+        kv = DynamicCache(config=self.target.model.config)
+        linear = [i for i, layer in enumerate(kv.layers) if hasattr(layer, "recurrent_states")]
+        if self.target.traits.recurrent_state:
+            kv.activate_past_recording(recurrent_states_to_keep=self.dflash.block)
+        elif linear:
+            raise ValueError(f"the target's cache has linear-attention layers {linear}, whose state a rejected draft "
+                             f"cannot be cut out of, but the {self.target.family!r} record says recurrent_state=False "
+                             "(extract/families.py)")
+        return kv
+
+    def _cut(self, kv: DynamicCache, length: int) -> None:
+        """Keep the first `length` positions of the target's cache (crop takes the count to remove, negated). Also
+        when nothing is removed: a recording linear-attention layer then forgets the history it no longer needs."""
+        extra = int(kv.get_seq_length()) - length
+        assert extra >= 0, (int(kv.get_seq_length()), length)
+        kv.crop(-extra)
 
     def _forward(self, inputs: dict, cache: DynamicCache | None, keep: int = 0):
         """Greedy next tokens after each input position (the last `keep`, or all) and the captured hidden states,
@@ -154,11 +163,13 @@ class SpeculativeDecoder:
         pos3 = self.target.position_ids(batch)[:, 0]  # [3, P]
         delta = int(pos3.max()) + 1 - P  # M-RoPE positions of later text tokens: index + delta
         axis0 = pos3[0].cpu()
-        greedy, hidden, kv = self._forward(batch, None, keep=1)
+        B = self.dflash.block
+        kv = self._cache()
+        greedy, hidden, kv = self._forward(batch, kv, keep=1)
+        self._cut(kv, P)  # the prefill's recorded history is never needed
         out = Decoded(tokens=[int(greedy[-1])])
         caches = [ContextCache(len(d.model.layers)) for d in (self.dflash, self.vp) if d is not None]
         new_hidden, new_at = hidden, 0  # verified positions not yet in the drafters' caches, and where they start
-        B = self.dflash.block
         while out.tokens[-1] not in eos and len(out.tokens) < max_new_tokens:
             n = P + len(out.tokens)  # sequence length; the last token's hidden state does not exist yet
             ctx_pos = self.drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
@@ -177,7 +188,7 @@ class SpeculativeDecoder:
                 if best is not None and not may_beat(draft, best[0], best[2]):
                     continue
                 if best is not None:
-                    _cut(kv, n - 1)
+                    self._cut(kv, n - 1)
                 greedy, hidden, _ = self._forward(self.step_inputs([last, *draft.tolist()], n - 1, delta), kv)
                 out.forwards += 1
                 a = int(torch.cumprod((draft == greedy[:-1]).long(), 0).sum())
@@ -186,7 +197,7 @@ class SpeculativeDecoder:
                 best = (a, draft, greedy, hidden)
             a, draft, greedy, hidden = best
             commit = [*draft[:a].tolist(), int(greedy[a])]
-            _cut(kv, n + a)
+            self._cut(kv, n + a)
             stop = next((i + 1 for i, t in enumerate(commit) if t in eos), len(commit))
             commit = commit[:min(stop, max_new_tokens - len(out.tokens))]
             out.accepted.append(min(a, len(commit)))

@@ -27,8 +27,6 @@ from train.config import DrafterConfig
 from train.export_formats import FORMATS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Targets whose positions are 3-axis M-RoPE ids: axis 0 differs from the token index once an image is in context.
-MROPE_TARGETS = tuple(t for t, f in FAMILIES.items() if f.mrope)
 
 
 def drafter_weight_names(num_layers: int) -> set[str]:
@@ -66,7 +64,9 @@ def check_exportable(d: DrafterConfig, manifest: Manifest, fmt: str, reduced: bo
             f"a drafter trained with a reduced draft vocabulary cannot be exported in the {fmt} format: that layout "
             "has no head of its own, its loaders project with the target's full LM head; export --format "
             "speculators (lm_head + d2t) or retrain without objective.draft_vocab_size")
-    if d.position_source == "mrope_axis0" and target.model_type in MROPE_TARGETS:
+    # An M-RoPE target's axis 0 differs from the token index once an image is in context. The record is read here,
+    # not at import, so that a family registered later (a test's, a user's) counts too.
+    if d.position_source == "mrope_axis0" and getattr(FAMILIES.get(target.model_type), "mrope", False):
         if layout.token_index_positions_only:
             raise ValueError(
                 f"drafter.position_source=mrope_axis0: the engines of the {fmt} format (SGLang, the original DFlash "
