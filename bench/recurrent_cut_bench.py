@@ -11,7 +11,7 @@ drafts (tools/fixtures/oracle_drafts.py, the same random rejection slots on both
 occurs equally often on both; each side's output is checked against `generate`. A Qwen3-VL row gives the cycle
 cost of a target whose cache is cut by dropping positions alone.
 
-    python bench/recurrent_cut_bench.py [--block 8] [--max-new-tokens 48] [--threads 1]
+    python bench/recurrent_cut_bench.py [--block 8] [--max-new-tokens 96] [--threads 1]
 """
 
 import argparse
@@ -58,11 +58,12 @@ class SnapshotDecoder(OracleDecoder):
         if int(kv.get_seq_length()) == length:
             return
         start, inputs, linear = self.before
+        verified = int(kv.get_seq_length())  # read before any layer is restored: layer 0 is a linear one
         for i, layer in enumerate(kv.layers):
             if i in linear:
                 kv.layers[i] = copy.deepcopy(linear[i])
             else:
-                layer.crop(start - int(kv.get_seq_length()))
+                layer.crop(start - verified)
         if length > start:  # re-run the kept tokens from the restored state
             keep = length - start
             rerun = {"input_ids": inputs["input_ids"][:, :keep], "position_ids": inputs["position_ids"][..., :keep]}

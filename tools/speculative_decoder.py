@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from cache_schema.codecs import CODECS
 from extract.target import Target
+from train.config import SERVED_POSITION_SOURCES, check_choice
 from train.model import ContextCache
 from train.replay import GreedyDrafter, branch_points
 
@@ -64,6 +65,7 @@ class SpeculativeDecoder:
     engine_precision: bool = False
 
     def __post_init__(self):
+        check_choice("position_source", self.position_source, SERVED_POSITION_SOURCES)
         if self.hidden_dtype not in CODECS:
             raise ValueError(f"cache storage.hidden_dtype={self.hidden_dtype!r}; known: {sorted(CODECS)}")
         if self.vp is not None and self.vp.block != self.dflash.block:
@@ -78,13 +80,10 @@ class SpeculativeDecoder:
     # --- the target
 
     def _cache(self) -> DynamicCache:
-        """An empty decoding cache; for a family with linear-attention layers, those record their state after each
-        of the last B positions of every forward, so that a cut can return to any of them."""
+        """An empty decoding cache; a target whose cache has linear-attention layers must say so in its record."""
         kv = DynamicCache(config=self.target.model.config)
         linear = [i for i, layer in enumerate(kv.layers) if hasattr(layer, "recurrent_states")]
-        if self.target.traits.recurrent_state:
-            kv.activate_past_recording(recurrent_states_to_keep=self.dflash.block)
-        elif linear:
+        if linear and not self.target.traits.recurrent_state:
             raise ValueError(f"the target's cache has linear-attention layers {linear}, whose state a rejected draft "
                              f"cannot be cut out of, but the {self.target.family!r} record says recurrent_state=False "
                              "(extract/families.py)")
@@ -166,7 +165,10 @@ class SpeculativeDecoder:
         B = self.dflash.block
         kv = self._cache()
         greedy, hidden, kv = self._forward(batch, kv, keep=1)
-        self._cut(kv, P)  # the prefill's recorded history is never needed
+        if self.target.traits.recurrent_state:
+            # From now on (the prefill ran as generate's does) linear-attention layers record their state after each
+            # of a forward's last B positions, so that a cut can return to any of them: every forward is one block.
+            kv.activate_past_recording(recurrent_states_to_keep=B)
         out = Decoded(tokens=[int(greedy[-1])])
         caches = [ContextCache(len(d.model.layers)) for d in (self.dflash, self.vp) if d is not None]
         new_hidden, new_at = hidden, 0  # verified positions not yet in the drafters' caches, and where they start
