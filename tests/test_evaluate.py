@@ -243,6 +243,12 @@ def test_cli_writes_table_json_and_png_for_dflash_and_d2sd(runs, tmp_path, capsy
                    "--no-progress"])
     again = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert again["shards"] == ["shard-000"] and again["samples"] == 2 and "d2sd" not in again
+    assert result["position_source"] == "sequential"  # as trained
+    evaluate_main([str(ckpt), "--position-source", "mrope_axis0", "--out", str(tmp_path / "c"), "--no-progress"])
+    served = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert served["position_source"] == "mrope_axis0" and served["samples"] == 6
+    with pytest.raises(ValueError, match="--position-source='mixed'"):  # training only: no runner feeds a mix
+        evaluate_checkpoint(ckpt, position_source="mixed", out=tmp_path / "d", progress=False)
 
 
 @pytest.mark.parametrize("args, message", [(["--shards", "shard-009"], "shard-009"), (["--k", "0"], "--k"),

@@ -231,5 +231,12 @@ def test_position_source_picks_mrope_axis0_or_sequential(cache):
         assert seq[i]["positions"].tolist() == list(range(len(cached[0])))
         compressed += cached[0].tolist() != list(range(len(cached[0])))
     assert compressed  # M-RoPE holds axis 0 still across an image wider than one merged patch
+    mixed = CacheDataset(reader, reader.shards, "mixed")
+    drawn = [{"mrope_axis0": torch.equal(mixed[i]["positions"], axis0[i]["positions"]),
+              "sequential": torch.equal(mixed[i]["positions"], seq[i]["positions"])} for i in with_images]
+    assert all(sum(d.values()) == 1 for d in drawn)  # each sample one source, whole
+    assert {k for d in drawn for k, v in d.items() if v} == {"mrope_axis0", "sequential"}  # both drawn
+    assert torch.equal(mixed.batch(with_images)["positions"][0, :len(mixed[with_images[0]]["positions"])],
+                       mixed[with_images[0]]["positions"])  # the batch path draws as the sample path
     with pytest.raises(ValueError, match="drafter.position_source"):
         CacheDataset(reader, reader.shards, "axis1")

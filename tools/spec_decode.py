@@ -31,6 +31,7 @@ from extract.sources import conversations, expand_shards
 from extract.target import Target, config_fingerprint, load_target
 from tools.speculative_decoder import SpeculativeDecoder
 from train.checkpoint import load_drafter, read_checkpoint
+from train.config import served_position_source
 from train.replay import GreedyDrafter, acceptance
 
 log = logging.getLogger("spec_decode")
@@ -115,11 +116,11 @@ def build(target: Target, drafter: Path, vp: Path | None, k: int, device) -> Spe
         ckpt.model.to(device)
         ckpts.append(ckpt)
     d = ckpts[0].drafter
-    if vp and ckpts[1].drafter.position_source != d.position_source:
+    if vp and served_position_source(ckpts[1].drafter.position_source) != served_position_source(d.position_source):
         raise ValueError(f"--vp {vp}: position_source {ckpts[1].drafter.position_source!r} but the DFlash drafter "
                          f"uses {d.position_source!r}")
     drafting = [GreedyDrafter.from_checkpoint(c) for c in ckpts]
-    return SpeculativeDecoder(target, drafting[0], list(d.target_layer_ids), d.position_source,
+    return SpeculativeDecoder(target, drafting[0], list(d.target_layer_ids), served_position_source(d.position_source),
                       ckpts[0].manifest.storage.hidden_dtype, vp=drafting[1] if vp else None, k=k)
 
 

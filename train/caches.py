@@ -7,7 +7,7 @@ import numpy as np
 
 from cache_schema import CacheReader
 from cache_schema.layout import HEAD_FILE, TOKENIZER_DIR
-from train.config import CacheSource
+from train.config import CacheSource, served_position_source
 from train.data import CacheDataset, padded_batch, split_shards
 
 # What a drafter needs to be the same across caches it trains on or is judged on: the target, the layers read and
@@ -92,7 +92,8 @@ def split(sources: list[CacheSource], readers: list[CacheReader], eval_shards: i
     for source, reader in zip(sources, readers):
         train_shards, eval_names = split_shards(reader, eval_shards)
         parts.append(CacheDataset(reader, train_shards, position_source))
-        held.append((source.name, CacheDataset(reader, eval_names, position_source)))
+        # Judged as served: a mixed drafter at the token index, as train.evaluate replays it by default.
+        held.append((source.name, CacheDataset(reader, eval_names, served_position_source(position_source))))
     return MixedDataset(parts, [s.weight for s in sources]), held
 
 

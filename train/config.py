@@ -8,8 +8,16 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# sequential: token index, what SGLang and vLLM's default runner feed; mrope_axis0: vLLM's V1 runner only.
-POSITION_SOURCES = ("sequential", "mrope_axis0")
+# sequential: token index, what SGLang and vLLM's default runner feed; mrope_axis0: vLLM's V1 runner only;
+# mixed (training only): each sample drawn from one of the two, so that the drafter takes either when served.
+POSITION_SOURCES = ("sequential", "mrope_axis0", "mixed")
+SERVED_POSITION_SOURCES = POSITION_SOURCES[:2]
+
+
+def served_position_source(trained: str) -> str:
+    """The positions a drafter is replayed and decoded with unless told otherwise: what it was trained with, and
+    for a mixed drafter the token index, which SGLang and vLLM's default runner feed."""
+    return "sequential" if trained == "mixed" else trained
 MODES = ("dflash", "vp")
 ATTENTION = ("auto", "flex", "dense")
 

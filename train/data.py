@@ -48,12 +48,16 @@ class CacheDataset(Dataset):
         sample_id = self.index[i]
         s = self.reader[sample_id]
         return {"sample_id": sample_id, "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
-                "loss_mask": torch.from_numpy(s.loss_mask), "positions": torch.from_numpy(self.positions(s)),
-                "hidden": s.hidden_TLH}
+                "loss_mask": torch.from_numpy(s.loss_mask),
+                "positions": torch.from_numpy(self.positions(s, sample_id)), "hidden": s.hidden_TLH}
 
-    def positions(self, s) -> np.ndarray:
-        """The drafter's 1-D positions of a cache sample."""
-        return (s.position_ids[0] if self.position_source == "mrope_axis0" else np.arange(len(s))).astype(np.int64)
+    def positions(self, s, sample_id: int) -> np.ndarray:
+        """The drafter's 1-D positions of sample `sample_id` of this cache; for `mixed`, either source, by a fixed
+        hash of that id that splits the samples about evenly."""
+        source = self.position_source
+        if source == "mixed":
+            source = POSITION_SOURCES[(sample_id * 2654435761 >> 16) & 1]
+        return (s.position_ids[0] if source == "mrope_axis0" else np.arange(len(s))).astype(np.int64)
 
     def epoch_indices(self, seed: int, epoch: int) -> np.ndarray:
         """The samples of one epoch: each once."""
@@ -86,7 +90,7 @@ def padded_batch(picks: list[tuple[CacheDataset, int]], sample_ids: list[int]) -
     for b, ((ds, _), s, n) in enumerate(zip(picks, samples, lengths)):
         out["input_ids"][b, :n] = torch.from_numpy(s.input_ids)
         out["loss_mask"][b, :n] = torch.from_numpy(s.loss_mask)
-        out["positions"][b, :n] = torch.from_numpy(ds.positions(s))
+        out["positions"][b, :n] = torch.from_numpy(ds.positions(s, ds.index[picks[b][1]]))
         hidden[b, n:] = 0
     return out
 

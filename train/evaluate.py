@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from cache_schema import CacheError, CacheReader  # noqa: E402
 from train.caches import target_mismatches  # noqa: E402
 from train.checkpoint import load_drafter, read_checkpoint  # noqa: E402
+from train.config import SERVED_POSITION_SOURCES, check_choice, served_position_source  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
 from train.replay import GROUPS, GreedyDrafter, replay_records, replay_figures  # noqa: E402
 
@@ -57,7 +58,11 @@ def pick_shards(reader: CacheReader, eval_shards: int, shards: str | None) -> li
 
 def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str | None = None, vp_path: Path | None = None,
              k: int = 4, max_samples: int | None = None, out: Path | None = None, device: str | None = None,
-             backend: str = "dense", progress: bool = True) -> dict:
+             backend: str = "dense", progress: bool = True, position_source: str | None = None) -> dict:
+    """Replay `ckpt_path` (and D2SD with `vp_path`) on held-out cache samples at `position_source` (default: the
+    drafter's served_position_source)."""
+    if position_source is not None:
+        check_choice("--position-source", position_source, SERVED_POSITION_SOURCES)
     if k < 1:
         raise ValueError(f"--k={k} must be >= 1")
     if max_samples is not None and max_samples < 1:
@@ -81,10 +86,12 @@ def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str |
         if vp_ckpt.drafter.block_size != ckpt.drafter.block_size:
             raise ValueError(f"--vp {vp_path}: drafter.block_size={vp_ckpt.drafter.block_size} but the DFlash "
                              f"drafter's is {ckpt.drafter.block_size}; D2SD branches replace slots of one block")
-        if vp_ckpt.drafter.position_source != ckpt.drafter.position_source:
+        if served_position_source(vp_ckpt.drafter.position_source) != served_position_source(
+                ckpt.drafter.position_source):
             raise ValueError(f"--vp {vp_path}: drafter.position_source={vp_ckpt.drafter.position_source!r} but the "
                              f"DFlash drafter uses {ckpt.drafter.position_source!r}; D2SD needs one position source")
     block = dflash.block
+    source = position_source or served_position_source(ckpt.drafter.position_source)
     methods = ("dflash", "d2sd") if vp is not None else ("dflash",)
     parts = []  # (name, reader, shard names, records) per cache replayed
     for (name, _), reader in zip(caches, readers):
@@ -92,7 +99,7 @@ def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str |
             print(f"cache {reader.loc.url} held out no eval shard: not replayed")
             continue
         names = pick_shards(reader, ckpt.eval_shards, shards)
-        dataset = CacheDataset(reader, names, ckpt.drafter.position_source)
+        dataset = CacheDataset(reader, names, source)
         if not len(dataset):
             raise ValueError(f"shards {names} of cache {reader.loc.url} hold no sample")
         indices = range(min(len(dataset), max_samples) if max_samples else len(dataset))
@@ -101,7 +108,7 @@ def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str |
         raise ValueError(f"none of the caches of {ckpt_path} held out an eval shard; name one with --cache and "
                          "--shards")
     records = [r for *_, recs in parts for r in recs]
-    result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None}
+    result = {"checkpoint": str(ckpt_path), "vp": str(vp_path) if vp_path else None, "position_source": source}
     if len(caches) == 1:
         result.update(cache=parts[0][1].loc.url, shards=parts[0][2])
     else:
@@ -182,10 +189,13 @@ def main(argv=None) -> None:
     parser.add_argument("--max-samples", type=int, help="replay only the first N samples of the shards (of each cache)")
     parser.add_argument("--out", type=Path, help="output directory (default: the checkpoint directory)")
     parser.add_argument("--device", help="torch device (default: cuda if available)")
+    parser.add_argument("--position-source", choices=SERVED_POSITION_SOURCES,
+                        help="replay at these drafter positions, e.g. what the serving runner feeds (default: as "
+                             "trained; a mixed drafter: sequential)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     evaluate_checkpoint(args.checkpoint, args.cache, args.shards, args.vp, args.k, args.max_samples, args.out, args.device,
-             progress=not args.no_progress)
+             progress=not args.no_progress, position_source=args.position_source)
 
 
 if __name__ == "__main__":

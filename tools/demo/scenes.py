@@ -14,7 +14,7 @@ a seed: samples, image bytes and shard bytes.
 import io
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import webdataset as wds
@@ -310,11 +310,15 @@ def to_record(sample: Sample, answers: str = "reference") -> dict:
 
 
 def write_task_shards(out_dir: Path, split: str, n_samples: int, seed: int = 0,
-                      samples_per_shard: int = 64) -> list[Path]:
-    """`split-NNNNNN.tar` shards of `n_samples` task samples with reference (human-style) answers."""
+                      samples_per_shard: int = 64, scale: int = 1) -> list[Path]:
+    """`split-NNNNNN.tar` shards of `n_samples` task samples with reference (human-style) answers; `scale` > 1
+    enlarges every image that many times (nearest neighbour: the same scene in scale**2 times the image tokens)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = samples(split, n_samples, seed)
+    if scale != 1:
+        items = [replace(s, images=[img.resize((SIZE * scale,) * 2, Image.NEAREST) for img in s.images])
+                 for s in items]
     paths = []
     for s in range(0, n_samples, samples_per_shard):
         path = out_dir / f"{split}-{s // samples_per_shard:06d}.tar"
