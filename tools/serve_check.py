@@ -39,6 +39,7 @@ from tools.spec_decode import (counting_skips, prepare, prompt_arguments, prompt
 from train.export import DTYPES as EXPORT_DTYPES  # noqa: E402
 from train.export import export, is_our_export  # noqa: E402
 from train.export_formats import FORMATS  # noqa: E402
+from train.checkpoint import read_checkpoint  # noqa: E402
 
 log = logging.getLogger("serve_check")
 
@@ -123,7 +124,11 @@ def diagnose(report: dict) -> list[dict]:
     if not agrees(ours, as_served):
         measured = (f"fed as the engine feeds it our replay gives acceptance length "
                     f"{as_served['acceptance_length']:.3f}, as trained {ours['acceptance_length']:.3f}")
-        if trained != fed:
+        if report["trained_position_source"] == "mixed":
+            cause("position source",
+                  f"{report['engine_name']}'s {report['runner']} runner feeds the drafter {fed} positions; it was "
+                  f"trained with both (mixed) and accepts differently under them (image prompts only); {measured}")
+        elif trained != fed:
             cause("position source",
                   f"{report['engine_name']}'s {report['runner']} runner feeds the drafter {fed} positions, it was "
                   f"trained with {trained} (they differ on image prompts only); {measured}; serve with a runner that "
@@ -203,6 +208,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
               else "speculators, written for this check", "engine_name": engine, "engine_version": result["version"],
               "engine_device": result["device"], "runner": runner, "runner_position_source": fed,
               "position_source": d.spec.position_source, "hidden_dtype": d.spec.hidden_dtype,
+              "trained_position_source": read_checkpoint(d.drafter).drafter.position_source,
               "drafter_layers": len(d.spec.dflash.model.layers),
               "block": block, "max_new_tokens": limit, "samples": len(rows), "skipped": dict(skipped),
               "tie_share": TIE_SHARE,
