@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup setup-vllm test test-all demo inspect extract train eval export serve-check bench clean
+.PHONY: help setup setup-vllm test test-all demo demo-qwen35 inspect extract train eval export serve-check bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ test-all: setup ## run every CPU test, slow ones included
 
 demo: setup setup-vllm ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
 	$(PY) -m tools.demo --work $(WORK)/demo
+
+demo-qwen35: setup ## the demo's core on a tiny Qwen3.5 (linear attention), under $(WORK)/demo-qwen35
+	$(PY) -m tools.demo --family qwen3_5 --work $(WORK)/demo-qwen35
 
 inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
 	$(PY) -m tools.inspect_cache $(CACHE) $(ARGS)

@@ -199,7 +199,8 @@ def test_converters_json_and_datasets(tmp_path, tiny_targets):
 
 # Published decoder depth and deepstack layer count of each named target (tiny and learned are ours).
 TARGET_SHAPES = {"qwen3vl8b": (36, 3), "qwen3vl30b": (48, 3), "qwen35_9b": (32, 0), "qwen35_35b": (40, 0),
-                 "qwen36_35b": (40, 0), "qwen3_8b": (36, 0), "tiny": (8, 2), "learned": (6, 2)}
+                 "qwen36_35b": (40, 0), "qwen3_8b": (36, 0), "tiny": (8, 2), "learned": (6, 2),
+                 "learned_qwen35": (8, 0)}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "target").glob("*.yaml")))

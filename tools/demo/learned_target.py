@@ -1,4 +1,5 @@
-"""A tiny Qwen3-VL that has learned something: trained on the CPU on the scene task of `tools/demo/scenes.py`.
+"""A tiny Qwen3-VL or Qwen3.5 that has learned something: trained on the CPU on the scene task of
+`tools/demo/scenes.py`.
 
 Random-weight targets give degenerate greedy answers; this one answers held-out image prompts with the right
 content, so a drafter trained on its regenerated answers can show real acceptance. The model and processor
@@ -7,6 +8,7 @@ PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by th
 the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
 
     python -m tools.demo.learned_target OUT [--steps 9000]
+    python -m tools.demo.learned_target OUT --family qwen3_5 --text-layers 8
 
 writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
 OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
@@ -34,12 +36,13 @@ from tools.fixtures import corpus, tiny_targets
 from tools.fixtures.corpus import training_text
 from tools.fixtures.tiny_targets import build_config, build_processor, build_tokenizer
 
-FAMILY = "qwen3_vl"
 HEADER = "<|im_start|>assistant\n"
+FAMILIES = ("qwen3_vl", "qwen3_5")
 
 
 @dataclass(frozen=True)
 class Settings:
+    family: str = "qwen3_vl"  # qwen3_5: Gated DeltaNet layers with full attention every 4th, partial rotary
     seed: int = 0
     train_samples: int = 20000
     steps: int = 9000
@@ -56,6 +59,8 @@ class Settings:
     rope_theta: float = 10_000.0
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"learned target family={self.family!r}; choose from {FAMILIES}")
         for name in ("train_samples", "steps", "batch_size", "eval_samples", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"learned target setting {name}={getattr(self, name)} must be at least 1")
@@ -71,6 +76,11 @@ class Settings:
         for module in (scenes, sys.modules[__name__], tiny_targets, corpus):
             blob += Path(module.__file__).read_text()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def settings_of(family: str) -> Settings:
+    """The committed build's settings: Qwen3.5 takes 8 layers, twice three linear-attention layers and a full one."""
+    return Settings(family=family, text_layers=8) if family == "qwen3_5" else Settings(family=family)
 
 
 def chat(sample: scenes.Sample, answers: str = "canonical") -> list[dict]:
@@ -94,10 +104,10 @@ def header_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[i
     return spans
 
 
-def build_processor_for(corpus_samples: list[scenes.Sample]):
+def build_processor_for(corpus_samples: list[scenes.Sample], family: str = "qwen3_vl"):
     text = [t[k] for s in corpus_samples for t in s.turns for k in ("question", "canonical", "reference")]
     tok = build_tokenizer(text + training_text())
-    return build_processor(FAMILY, tok)
+    return build_processor(family, tok)
 
 
 def encode(processor, batch: list[scenes.Sample]) -> list[dict]:
@@ -154,16 +164,25 @@ def mrope_section(head_dim: int) -> list[int]:
     return [pairs - 2 * (pairs * 5 // 16)] + [pairs * 5 // 16] * 2
 
 
+# Qwen3.5's published configs: a quarter of each 256-dim head rotates (32 pairs, M-RoPE sections [11, 11, 10]); the
+# tiny heads' few pairs go to the time axis first.
+QWEN35_ROTARY = 0.25
+
+
 def text_shape(settings: Settings) -> dict:
-    """The language-model fields `settings` choose, over the tiny Qwen3-VL defaults (4 heads, 2 kv heads)."""
+    """The language-model fields `settings` choose, over the family's tiny defaults (4 heads, 2 kv heads; for
+    Qwen3.5 also the linear-attention heads and full attention every 4th layer)."""
     rope = {"rope_type": "default", "rope_theta": settings.rope_theta, "mrope_section": mrope_section(settings.head_dim),
             "mrope_interleaved": True}
+    if settings.family == "qwen3_5":
+        pairs = int(settings.head_dim * QWEN35_ROTARY) // 2
+        rope.update(partial_rotary_factor=QWEN35_ROTARY, mrope_section=[pairs - 2 * (pairs // 3)] + [pairs // 3] * 2)
     return dict(hidden_size=settings.text_hidden, intermediate_size=2 * settings.text_hidden,
                 num_hidden_layers=settings.text_layers, head_dim=settings.head_dim, rope_parameters=rope)
 
 
 def new_model(processor, settings: Settings):
-    config = build_config(FAMILY, processor.tokenizer, text_shape(settings))
+    config = build_config(settings.family, processor.tokenizer, text_shape(settings))
     torch.manual_seed(settings.seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
@@ -245,7 +264,8 @@ def held_out_accuracy(model, processor, held_out: list[scenes.Sample], batch_siz
         out = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, temperature=None, top_p=None,
                              top_k=None)
         for (s, task, _, canon), row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
-            answer = tok.decode(row, skip_special_tokens=True).strip()
+            # A thinking template's answer follows its (empty) reasoning block.
+            answer = tok.decode(row, skip_special_tokens=True).split("</think>")[-1].strip()
             results.append((task, canon, answer, len(tok.encode(canon)) + 1))
     by_task: dict[str, list[bool]] = {}
     sentences_hit = sentences_all = 0
@@ -290,7 +310,7 @@ def _build(out: Path, settings: Settings, progress: bool) -> dict:
     # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
     train_set = scenes.samples("target", settings.train_samples, settings.seed)
     held_out = scenes.samples("heldout", settings.eval_samples, settings.seed)
-    processor = build_processor_for(train_set)
+    processor = build_processor_for(train_set, settings.family)
     pad_id = processor.tokenizer.pad_token_id
     items = [it for i in tqdm(range(0, len(train_set), 64), desc="encode training samples", disable=not progress)
              for it in encode(processor, train_set[i:i + 64])]

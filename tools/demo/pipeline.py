@@ -1,10 +1,12 @@
-"""`make demo`: the whole pipeline on a tiny Qwen3-VL that has learned a synthetic image task.
+"""`make demo`: the whole pipeline on a tiny Qwen3-VL that has learned a synthetic image task; `make demo-qwen35`:
+the core of it on a tiny Qwen3.5 that has learned the same task (`--family qwen3_5`).
 
 Every stage runs through its real command line, as a user would type it: the learned target (built once and
 reused), task shards (training prompts and a held-out split used for evaluation only), `extract` (bf16, fp8 and
 dataset answers), `train` (DFlash and VP drafters), `train.evaluate` (offline replay and D2SD on the held-out
 cache), `tools.spec_decode` (online, against the target's own greedy output), `train.export` (both formats),
-then one table of what came out.
+then one table of what came out. The Qwen3.5 run leaves out the fp8 and dataset-answer drafters and the serve
+check (vLLM's CPU build has no Gated DeltaNet kernels), so that it takes a few minutes more than extraction.
 """
 
 import argparse
@@ -22,6 +24,9 @@ from tools.engines import vllm_python
 # Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB,
 # so that the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.
 COMMITTED_TARGET = Path(__file__).parent / "assets" / "learned_target"
+# Per family: the committed learned target and the `target=` config that names its layer ids.
+COMMITTED = {"qwen3_vl": (COMMITTED_TARGET, "learned"),
+             "qwen3_5": (Path(__file__).parent / "assets" / "learned_qwen35", "learned_qwen35")}
 # Sizes that keep the whole demo within about 15 minutes on 2 CPU cores (see BENCHMARKS.md).
 TRAIN_PROMPTS = 1024
 HELDOUT_PROMPTS = 48
@@ -80,12 +85,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("work/demo"))
     parser.add_argument("--steps", type=int, default=DRAFTER_STEPS, help="drafter training steps")
-    parser.add_argument("--target-dir", type=Path, default=COMMITTED_TARGET,
-                        help="a learned target built by tools.demo.learned_target (default: the committed one)")
+    parser.add_argument("--family", choices=tuple(COMMITTED), default="qwen3_vl",
+                        help="which learned target: the Qwen3-VL (the whole demo) or the Qwen3.5 (its core)")
+    parser.add_argument("--target-dir", type=Path,
+                        help="a learned target built by tools.demo.learned_target (default: the family's committed one)")
     parser.add_argument("--rebuild-target", action="store_true",
                         help="build the learned target from its generator instead (20-30 CPU-minutes, once)")
     args = parser.parse_args()
     work = args.work.resolve()
+    committed, target_conf = COMMITTED[args.family]
+    full = args.family == "qwen3_vl"
     py = sys.executable
     # One intra-op thread: the tiny models' matmuls gain nothing from two, and two threads per process slow to a
     # crawl as soon as anything else holds a core (measured 30x on extraction).
@@ -96,9 +105,9 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.rebuild_target:
         print("building the learned target (reused while its generator and settings are unchanged)", flush=True)
-        target_dir = learned_target.ensure(work.parent / "learned-target")
+        target_dir = learned_target.ensure(work.parent / "learned-target", learned_target.settings_of(args.family))
     else:
-        target_dir = args.target_dir
+        target_dir = args.target_dir or committed
         if not (target_dir / "model").is_dir() or not (target_dir / "accuracy.json").is_file():
             raise SystemExit(f"--target-dir {target_dir} does not hold a learned target (model/ and accuracy.json, as "
                              "`python -m tools.demo.learned_target OUT` writes them)")
@@ -117,7 +126,7 @@ def main() -> None:
         run_steps(list(jobs), env, logs, timings)
 
     def extract(name: str, split: str, *overrides) -> tuple[str, list]:
-        return (f"extract {name}", [py, "-m", "extract", "target=learned", f"target.path={model}", f"out={work / name}",
+        return (f"extract {name}", [py, "-m", "extract", f"target={target_conf}", f"target.path={model}", f"out={work / name}",
                                     f"data.shards='{spec[split]}'", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
                                     "generation.batch_size=16", f"hydra.run.dir={logs}/extract-{name}", *overrides])
 
@@ -129,14 +138,19 @@ def main() -> None:
 
     cache, heldout, cache_fp8, cache_human = (work / n for n in ("cache", "cache-heldout", "cache-fp8", "cache-human"))
     # Two cores: independent stages run in pairs, one thread each.
-    run(extract("cache", "train"), extract("cache-human", "train", "generation.regenerate=false"))
-    run(extract("cache-fp8", "train", "storage.hidden_dtype=fp8_e4m3"), extract("cache-heldout", "heldout"))
+    if full:
+        run(extract("cache", "train"), extract("cache-human", "train", "generation.regenerate=false"))
+        run(extract("cache-fp8", "train", "storage.hidden_dtype=fp8_e4m3"), extract("cache-heldout", "heldout"))
+    else:
+        run(extract("cache", "train"), extract("cache-heldout", "heldout"))
     run(("inspect the cache", [py, "-m", "tools.inspect_cache", cache, "--verify", "--sample", "1", "--plot",
                                work / "cache_lengths.png"]))
     # The target is not needed from here on until speculative decoding: training reads the cache alone.
     run(train("dflash", cache), train("vp", cache, "objective=vp"))
-    run(train("dflash-fp8", cache_fp8), train("dflash-human", cache_human))
-    runs = {name: work / "runs" / name for name in ("dflash", "vp", "dflash-fp8", "dflash-human")}
+    variants = ("dflash-fp8", "dflash-human") if full else ()
+    if full:
+        run(train("dflash-fp8", cache_fp8), train("dflash-human", cache_human))
+    runs = {name: work / "runs" / name for name in ("dflash", "vp", *variants)}
     run(*[(f"plot {name}", [py, "-m", "tools.plot_run", path]) for name, path in runs.items()])
 
     heldout_names = ",".join(CacheReader(str(heldout)).shards)
@@ -150,18 +164,18 @@ def main() -> None:
     run(("speculative decoding online on the held-out prompts", [
         py, "-m", "tools.spec_decode", "--target", model, "--drafter", runs["dflash"],
         "--shards", spec["heldout"], "--out", online_dir]), evaluate("dflash", "--vp", runs["vp"]))
-    run(evaluate("dflash-fp8"), evaluate("dflash-human"))
+    if full:
+        run(evaluate("dflash-fp8"), evaluate("dflash-human"))
     run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",
                              work / "export" / fmt]) for fmt in ("speculators", "dflash")])
     # Where users end: the drafter served by vLLM (its CPU build, when `make setup-vllm` has made it) beside our replay.
     served = None
-    if vllm_python() is not None:
+    if full and vllm_python() is not None:
         run(("the DFlash drafter served by vLLM beside our replay", [
             py, "-m", "tools.serve_check", "--target", model, "--drafter", runs["dflash"],
             "--shards", spec["heldout"], "--out", work / "serve_check"]))
         served = json.loads((work / "serve_check" / "serve_check.json").read_text())
-    evals = {name: json.loads((work / "eval" / name / "eval.json").read_text())
-             for name in ("dflash", "dflash-fp8", "dflash-human")}
+    evals = {name: json.loads((work / "eval" / name / "eval.json").read_text()) for name in ("dflash", *variants)}
     online = json.loads((online_dir / "spec_decode.json").read_text())
 
     summary = json.loads((cache / "summary.json").read_text())
@@ -177,15 +191,15 @@ def main() -> None:
         ("tau online (DFlash, held-out)", f"{online['tau']:.3f}"),
         ("lossless (online == target greedy, all prompts)", "yes" if online["lossless"] else "NO"),
         ("tau D2SD offline (DFlash + VP, k=4)", f"{evals['dflash']['d2sd']['last_turn']['tau']:.3f}"),
-        ("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
-        ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
-        *serve_rows(served),
+        *([("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
+           ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
+           *serve_rows(served)] if full else []),
         ("cache bytes per token (bf16)", f"{cache_bytes / summary['tokens']:.0f}"),
         ("extraction time (train prompts, bf16, beside another)", f"{timings['extract cache']:.0f} s"),
         ("whole demo", f"{time.perf_counter() - started:.0f} s"),
         ("training time (DFlash, beside the VP drafter)", f"{timings['train dflash']:.0f} s"),
     ]
     width = max(len(name) for name, _ in rows)
-    print("\n=== demo results\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(f"\n=== demo results ({args.family})\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     (work / "results.json").write_text(json.dumps(dict(rows), indent=1))
     print(f"\nwork in {work}: caches, runs/*/curves.png, eval/*/eval.png, spec_decode/, export/, results.json")
