@@ -83,8 +83,8 @@ def main() -> None:
     for src in SOURCES:
         for seed in args.seeds:
             print(f"| {src} | {seed} | {tau[seed, src, 'sequential']:.3f} | {tau[seed, src, 'mrope_axis0']:.3f} |")
-    print("\n| trained with | served: token index, mean (vs the specialist) | served: axis 0, mean (vs the specialist) |"
-          "\n|---|---|---|")
+    print("\n| trained with | served: token index, mean (vs the specialist) "
+          "| served: axis 0, mean (vs the specialist) |\n|---|---|---|")
     mean = {(src, served): sum(tau[s, src, served] for s in args.seeds) / len(args.seeds)
             for src in SOURCES for served in SERVED}
     for src in SOURCES:

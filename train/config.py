@@ -18,6 +18,8 @@ def served_position_source(trained: str) -> str:
     """The positions a drafter is replayed and decoded with unless told otherwise: what it was trained with, and
     for a mixed drafter the token index, which SGLang and vLLM's default runner feed."""
     return "sequential" if trained == "mixed" else trained
+
+
 MODES = ("dflash", "vp")
 ATTENTION = ("auto", "flex", "dense")
 

@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--family", choices=tuple(COMMITTED), default="qwen3_vl",
                         help="which learned target: the Qwen3-VL (the whole demo) or the Qwen3.5 (its core)")
     parser.add_argument("--target-dir", type=Path,
-                        help="a learned target built by tools.demo.learned_target (default: the family's committed one)")
+                        help="a learned target built by tools.demo.learned_target (default: the family's committed "
+                             "one)")
     parser.add_argument("--rebuild-target", action="store_true",
                         help="build the learned target from its generator instead (20-30 CPU-minutes, once)")
     args = parser.parse_args()
@@ -126,9 +127,10 @@ def main() -> None:
         run_steps(list(jobs), env, logs, timings)
 
     def extract(name: str, split: str, *overrides) -> tuple[str, list]:
-        return (f"extract {name}", [py, "-m", "extract", f"target={target_conf}", f"target.path={model}", f"out={work / name}",
-                                    f"data.shards='{spec[split]}'", f"generation.max_new_tokens={MAX_NEW_TOKENS}",
-                                    "generation.batch_size=16", f"hydra.run.dir={logs}/extract-{name}", *overrides])
+        return (f"extract {name}", [py, "-m", "extract", f"target={target_conf}", f"target.path={model}",
+                                    f"out={work / name}", f"data.shards='{spec[split]}'",
+                                    f"generation.max_new_tokens={MAX_NEW_TOKENS}", "generation.batch_size=16",
+                                    f"hydra.run.dir={logs}/extract-{name}", *overrides])
 
     def train(name: str, data: Path, *overrides) -> tuple[str, list]:
         return (f"train {name}", [py, "-m", "train", "setup=tiny", f"data.cache={data}", f"run_dir={work / 'runs' / name}",
