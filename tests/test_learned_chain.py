@@ -18,7 +18,7 @@ from train.checkpoint import resolve_checkpoint
 from train.evaluate import evaluate_checkpoint
 
 # Measured on this chain (seed 0, 192 prompts, 240 steps, 12 held-out prompts, one thread): Qwen3-VL tau 2.673
-# online and offline (80 steps on 96 prompts: 1.673; 2.786 on 2026-12-06), Qwen3.5 3.412 online and offline. The
+# online and offline (80 steps on 96 prompts: 1.673; 2.786 on 2026-12-06), Qwen3.5 3.123 online and offline. The
 # floor leaves a quarter for other kernels and CPUs while still failing a drafter that learned nothing (tau 1.0-1.2
 # on this task).
 TAU_FLOOR = 2.0

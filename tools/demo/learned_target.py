@@ -80,7 +80,7 @@ class Settings:
 
 def settings_of(family: str) -> Settings:
     """The committed build's settings: Qwen3.5 takes 8 layers, twice three linear-attention layers and a full one."""
-    return Settings(family=family, text_layers=8) if family == "qwen3_5" else Settings(family=family)
+    return Settings(family=family, text_layers=8, rope_theta=20.0) if family == "qwen3_5" else Settings(family=family)
 
 
 def chat(sample: scenes.Sample, answers: str = "canonical") -> list[dict]:
