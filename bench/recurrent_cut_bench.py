@@ -40,12 +40,8 @@ from train.replay import GreedyDrafter  # noqa: E402
 class SnapshotDecoder(OracleDecoder):
     """The alternative: copy the linear-attention layers' states before each verification, restore and re-run."""
 
-    def _cache(self):
-        kv = super()._cache()
-        for layer in kv.layers:
-            layer.record_past = False  # unrecorded: chunked kernel, fixed-size states
-            layer.recurrent_states_to_keep = 0
-        return kv
+    def _record(self, kv):
+        pass  # unrecorded: the chunked kernel, fixed-size states
 
     def _forward(self, inputs, cache, keep=0):
         if cache is not None and int(cache.get_seq_length()) > 0:

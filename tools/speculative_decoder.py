@@ -89,6 +89,12 @@ class SpeculativeDecoder:
                              "(extract/families.py)")
         return kv
 
+    def _record(self, kv: DynamicCache) -> None:
+        """After the prefill (which ran as generate's does): linear-attention layers record their state after each of
+        a forward's last B positions, so that a cut can return to any of them; every later forward is one block."""
+        if self.target.traits.recurrent_state:
+            kv.activate_past_recording(recurrent_states_to_keep=self.dflash.block)
+
     def _cut(self, kv: DynamicCache, length: int) -> None:
         """Keep the first `length` positions of the target's cache (crop takes the count to remove, negated). Also
         when nothing is removed: a recording linear-attention layer then forgets the history it no longer needs."""
@@ -165,10 +171,7 @@ class SpeculativeDecoder:
         B = self.dflash.block
         kv = self._cache()
         greedy, hidden, kv = self._forward(batch, kv, keep=1)
-        if self.target.traits.recurrent_state:
-            # From now on (the prefill ran as generate's does) linear-attention layers record their state after each
-            # of a forward's last B positions, so that a cut can return to any of them: every forward is one block.
-            kv.activate_past_recording(recurrent_states_to_keep=B)
+        self._record(kv)
         out = Decoded(tokens=[int(greedy[-1])])
         caches = [ContextCache(len(d.model.layers)) for d in (self.dflash, self.vp) if d is not None]
         new_hidden, new_at = hidden, 0  # verified positions not yet in the drafters' caches, and where they start
