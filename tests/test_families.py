@@ -1,6 +1,7 @@
 """The family records (extract/families.py): each one agrees with its transformers classes, an unknown model_type
 is one clear refusal, and a family registered through its record alone (a renamed copy of the tiny qwen3, with a
-model_type transformers learns at test time) is extracted exactly as its original and speculatively decoded."""
+model_type transformers learns at test time) is extracted exactly as its original, speculatively decoded and
+exported naming its own class as verifier."""
 
 import json
 import shutil
@@ -129,6 +130,7 @@ def test_the_renamed_family_is_extracted_exactly_as_its_original(caches):
 
 
 def test_the_renamed_family_decodes_speculatively(caches, renamed, demo_shards, tmp_path):
+    from train.export import export
     from train.loop import train
 
     cfg = compose_train("setup=tiny", f"data.cache={caches[1]}", "optim.max_steps=4", "log_every=4", "save_every=0",
@@ -138,3 +140,5 @@ def test_the_renamed_family_decodes_speculatively(caches, renamed, demo_shards, 
     report = spec_decode(str(renamed), Path(cfg.run_dir), shards=str(demo_shards[1]), max_prompts=3,
                          max_new_tokens=12, progress=False)
     assert report["lossless"] and report["samples"] == 3 and report["cycles"] > 0
+    spec = json.loads((export(Path(cfg.run_dir), "speculators", tmp_path / "spec") / "config.json").read_text())
+    assert spec["speculators_config"]["verifier"]["architectures"] == ["RenamedForCausalLM"]

@@ -52,14 +52,19 @@ def qwen3_fields(d: DrafterConfig, dtype: str) -> dict:
 
 
 def verifier_architectures(model_type: str) -> list[str]:
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    """The class the target loads as: what its family's Auto class maps its config class to, so that a family
+    transformers learned at run time (`AutoConfig.register`) is named too."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    arch = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if arch is None:
-        raise ValueError(f"target model_type {model_type!r} has no transformers architecture to name as verifier")
-    return [arch]
+    from extract.families import family
+
+    auto_class = getattr(transformers, family(model_type).auto_class)
+    try:
+        return [auto_class._model_mapping[CONFIG_MAPPING[model_type]].__name__]
+    except KeyError:
+        raise ValueError(f"target model_type {model_type!r} has no {auto_class.__name__} class in this transformers "
+                         "to name as verifier") from None
 
 
 def speculators_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: int, dtype: str, meta: dict) -> dict:
