@@ -26,7 +26,7 @@ from extract.target import load_target
 from tools.fixtures.oracle_drafts import OracleDecoder
 from tools.fixtures.tiny_targets import build_target
 from tools.spec_decode import run, shard_conversations
-from tools.speculative_decoder import SpeculativeDecoder, may_beat
+from tools.speculative_decoder import SpeculativeDecoder, may_beat, one_slot_per_position
 from train.attention import build_mask
 from train.checkpoint import load_drafter
 from train.config import DrafterConfig
@@ -68,6 +68,59 @@ def test_cached_drafting_equals_the_masked_forward(seed):
         model.extend_context(cache, hidden[:, lo:hi], pos[:, lo:hi])
     assert len(cache) == anchor
     torch.testing.assert_close(model.draft(cache, ids, block_pos), want, rtol=1e-12, atol=1e-12)
+
+
+def slot_buffer_draft(model: Drafter, hidden, pos, ids, block_pos):
+    """A drafter step as vLLM's V1 runner computes it, written out naively: every layer's keys and values go into a
+    buffer of one slot per position, context tokens in order (a later one overwrites an earlier one at the same
+    position) and then the block; attention reads as many slots as there are context tokens and block slots,
+    those never written holding zeros."""
+    T, B = hidden.shape[1], ids.shape[1]
+    ctx, x = model.context(hidden), torch.nn.functional.embedding(ids, model.embed_VH).to(hidden.dtype)
+    for layer in model.layers:
+        attn = layer.self_attn
+        k_ctx, v_ctx = attn.context_kv(ctx, pos, model.rope)
+        h = layer.input_layernorm(x)
+        q = model.rope(attn.q_norm(attn._heads(attn.q_proj(h), attn.h)), block_pos)
+        k_blk = model.rope(attn.k_norm(attn._heads(attn.k_proj(h), attn.kv)), block_pos)
+        v_blk = attn._heads(attn.v_proj(h), attn.kv)
+        keys = torch.zeros(ids.shape[0], attn.kv, T + B, attn.d, dtype=hidden.dtype)
+        values = torch.zeros_like(keys)
+        for t in range(T):
+            keys[:, :, pos[0, t]], values[:, :, pos[0, t]] = k_ctx[0, :, t], v_ctx[0, :, t]
+        for j in range(B):
+            keys[:, :, block_pos[0, j]], values[:, :, block_pos[0, j]] = k_blk[:, :, j], v_blk[:, :, j]
+        groups = attn.h // attn.kv
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        weights = torch.softmax(q @ keys.transpose(-1, -2) / attn.d ** 0.5, dim=-1)
+        x = x + attn.o_proj((weights @ values).transpose(1, 2).flatten(2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.norm(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_slot_per_position_drafts_as_the_slot_buffer(seed):
+    """The as-served model of vLLM's V1 runner (`one_slot_per_position`): the tokens of two images share a
+    position each; context appended in pieces, rows zeroed where a slot is overwritten, drafts as the naive slot
+    buffer. Without the zeroing it does not (the reference is not the plain cached draft)."""
+    B = 4
+    model = random_drafter(32, 50, [1, 2, 3], B, 49, seed).double()
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.cat([torch.arange(3), torch.full((4,), 3), torch.arange(5, 8), torch.full((6,), 8),
+                     torch.arange(11, 14)])[None]
+    hidden = torch.randn(1, pos.shape[1], 3, 32, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[7, 49, 49, 49], [7, 11, 49, 49]])
+    block_pos = (pos[0, -1] + 1 + torch.arange(B))[None].expand(2, -1)
+    want = slot_buffer_draft(model, hidden, pos, ids, block_pos)
+    drafts = {}
+    for shared in (True, False):
+        cache = ContextCache(len(model.layers))
+        for lo, hi in ((0, 7), (7, 16), (16, pos.shape[1])):  # pieces end on text, as the decoder's do
+            rows = one_slot_per_position(hidden[:, lo:hi], pos[:, lo:hi]) if shared else hidden[:, lo:hi]
+            model.extend_context(cache, rows, pos[:, lo:hi])
+        drafts[shared] = model.draft(cache, ids, block_pos)
+    torch.testing.assert_close(drafts[True], want, rtol=1e-12, atol=1e-12)
+    assert (drafts[False] - want).abs().max() > 1e-3, (drafts[False] - want).abs().max()
 
 
 def train_drafter(cache: Path, run_dir: Path, mode: str, steps: int) -> Path:

@@ -57,7 +57,9 @@ def test_vllm_greedy_equals_extractions_generate_on_the_rendered_prompts(served_
 def learned_runs(tmp_path_factory):
     """The committed learned target's caches of 96 task prompts (training) and 16 held-out ones, and two one-layer
     drafters trained from the first: one with the positions vLLM's V1 runner feeds (axis 0 of the M-RoPE ids),
-    one with token indices (what its V2 runner and SGLang feed)."""
+    one with token indices (what its V2 runner and SGLang feed). The images are enlarged to 16 tokens (the most
+    the target's processor gives this task's scenes), where the V1 runner serves a token-index drafter otherwise
+    than trained beyond ties (at the task's own 4 tokens it costs 1%)."""
     from omegaconf import OmegaConf
 
     from extract.run import run as extract
@@ -67,8 +69,8 @@ def learned_runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("learned")
     layer_ids = list(OmegaConf.load(ROOT / "conf" / "target" / "learned.yaml").layer_ids)
-    shards = {"cache": scenes.write_task_shards(tmp / "shards", "train", 96, samples_per_shard=48),
-              "heldout": scenes.write_task_shards(tmp / "shards", "heldout", 16)}
+    shards = {"cache": scenes.write_task_shards(tmp / "shards", "train", 96, samples_per_shard=48, scale=4),
+              "heldout": scenes.write_task_shards(tmp / "shards", "heldout", 16, scale=4)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only add synchronisation
     try:
@@ -91,10 +93,11 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     held-out image and text prompts: its output equals its own greedy output and transformers', and its own
     acceptance counters equal our offline replay of the held-out cache.
 
-    The drafter is one the CPU build computes as trained: one layer (vLLM 0.32's CPU rms_norm applies layer 0's
-    k_norm to every layer, docs/vllm_cpu_defects.md) and trained with the positions its V1 runner feeds. Both sides
-    compute target and drafter in fp32 with other kernels: counts may differ by serve_check.TIE_SHARE of the
-    drafts (3%; measured here 1 draft of 158 and 5 accepted tokens of 213, see there)."""
+    The drafter is one the CPU build computes nearly as trained: one layer (vLLM 0.32's CPU rms_norm applies layer
+    0's k_norm to every layer, docs/vllm_cpu_defects.md) and trained with the positions its V1 runner feeds. What
+    remains is the runner's shared slots, which the offline replay of a cache does not model and our replay as
+    served does: the engine's counts equal the latter (measured 151 drafts / 169 accepted on both) and the former
+    within serve_check.TIE_SHARE of the drafts (148 / 170)."""
     from tools.serve_check import TIE_SHARE, agrees, run
     from train.evaluate import evaluate_checkpoint
 
@@ -113,26 +116,26 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     engine = report["engine"]
     slack = max(1, round(TIE_SHARE * engine["drafts"]))
     assert abs(engine["drafts"] - replay["cycles"]) <= slack
-    assert abs(engine["tau"] - replay["tau"]) * engine["drafts"] <= slack  # committed tokens, per the same cycles
+    assert abs(round(engine["tau"] * engine["drafts"]) - replay["committed"]) <= slack  # committed tokens
     assert engine["accepted"] > 0.2 * engine["drafts"]  # accepted at all: a comparison of zeros proves nothing
 
 
-def test_serve_check_of_a_token_index_drafter_on_the_v1_runner_predicts_the_engine(learned_runs, tmp_path):
-    """The same drafter trained with token indices, served by the V1 runner, which feeds axis 0 of the M-RoPE ids:
-    our replay fed as the engine feeds it accounts for the engine's figure, and the position source is named as a
-    cause exactly when that replay and the one as trained differ beyond ties. (On this task an image adds 4 tokens
-    and shifts axis 0 by 2, so the two sources differ by about 1%: within ties here, large on real images.)"""
+def test_serve_check_names_the_v1_runners_positions_and_slots_for_a_token_index_drafter(learned_runs, tmp_path):
+    """The drafter trained with token indices, served by the V1 runner, which feeds axis 0 of the M-RoPE ids and
+    gives an image's tokens one drafter cache slot (docs/vllm_cpu_defects.md): the engine accepts less than the
+    drafter does as trained (measured 146 of 171 drafts against 161 of 159), our replay fed as the engine feeds it
+    accounts for the engine's figure, and the check names both causes."""
     from tools.serve_check import agrees, run
 
     tmp, heldout = learned_runs
     report = run(str(LEARNED), tmp / "sequential", shards=heldout, out=tmp_path, progress=False)
-    assert report["lossless"]["engine_vs_its_greedy"] == report["samples"]
+    assert report["lossless"]["engine_vs_its_greedy"] == report["samples"] == 16
     assert report["position_source"] == "sequential" and report["runner_position_source"] == "mrope_axis0"
-    assert agrees(report["engine"], report["ours_as_served"]), report["causes"]
-    named = "position source" in [c["cause"] for c in report["causes"]]
-    assert named == (not agrees(report["ours"], report["ours_as_served"]))
-    assert report["ours"]["drafts"] != report["ours_as_served"]["drafts"] or \
-        report["ours"]["accepted"] != report["ours_as_served"]["accepted"]  # the positions were changed
+    assert report["runner_shared_slots"]
+    assert agrees(report["engine"], report["ours_as_served"]), (report["engine"], report["ours_as_served"])
+    assert not agrees(report["ours"], report["ours_as_served"]) and not report["agrees"]
+    assert report["ours_as_served"]["acceptance_length"] < report["ours"]["acceptance_length"]
+    assert {"position source", "shared slots"} <= {c["cause"] for c in report["causes"]}
 
 
 def assert_same_cache(a: str, b: str) -> int:

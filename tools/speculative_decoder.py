@@ -51,6 +51,16 @@ class Decoded:
     seconds: float = 0.0
 
 
+def one_slot_per_position(hidden_1TLH: torch.Tensor, pos_1T: torch.Tensor) -> torch.Tensor:
+    """New context as a drafter cache of one slot per position holds it (vLLM's V1 runner, docs/vllm_cpu_defects.md):
+    a token whose position the next one shares is overwritten in its slot, while attention still reads as many slots
+    as there are tokens, the rest empty. So its row becomes zeros, whose keys and values are zero (the drafter's
+    projections have no bias; RMSNorm and rotary keep zero). Positions never repeat across calls: each ends on text."""
+    overwritten = torch.zeros(pos_1T.shape[1], dtype=torch.bool, device=hidden_1TLH.device)
+    overwritten[:-1] = (pos_1T[0, :-1] == pos_1T[0, 1:]).to(hidden_1TLH.device)
+    return hidden_1TLH.masked_fill(overwritten[None, :, None, None], 0)
+
+
 @dataclass
 class SpeculativeDecoder:
     target: Target
@@ -63,6 +73,8 @@ class SpeculativeDecoder:
     # Feed the drafter the target's hidden states as computed, as serving engines do, instead of rounded as the
     # cache stores them (what training saw).
     engine_precision: bool = False
+    # Model a drafter cache of one slot per position, as vLLM's V1 runner keeps it (docs/vllm_cpu_defects.md).
+    shared_slots: bool = False
 
     def __post_init__(self):
         check_choice("position_source", self.position_source, SERVED_POSITION_SOURCES)
@@ -178,8 +190,9 @@ class SpeculativeDecoder:
         while out.tokens[-1] not in eos and len(out.tokens) < max_new_tokens:
             n = P + len(out.tokens)  # sequence length; the last token's hidden state does not exist yet
             ctx_pos = self.drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
+            context = one_slot_per_position(new_hidden, ctx_pos) if self.shared_slots else new_hidden
             for drafting, cache in zip((self.dflash, self.vp), caches):
-                drafting.model.extend_context(cache, new_hidden, ctx_pos)
+                drafting.model.extend_context(cache, context, ctx_pos)
             last = out.tokens[-1]
             pos_B = self.drafter_positions(n - 1, B, axis0, delta)
             block = torch.full((1, B), self.dflash.mask_id, dtype=torch.long)

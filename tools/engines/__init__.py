@@ -11,10 +11,12 @@ from pathlib import Path
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
-# The drafter positions each engine's model runner feeds on an M-RoPE target, read from vLLM 0.32's source: the V1
-# runner passes axis 0 of the target's M-RoPE ids, the V2 runner (the default where Triton exists) token indices.
-# On text prompts the two agree. (SGLang, when added, feeds token indices.)
+# How each engine's model runner feeds the drafter on an M-RoPE target, read from vLLM 0.32's source: the V1
+# runner passes axis 0 of the target's M-RoPE ids and also places each context token's keys and values in the slot
+# of that position, so the tokens of one image share a slot; the V2 runner (the default where Triton exists) token
+# indices, one slot each. On text prompts they agree. (SGLang, when added, feeds token indices.)
 RUNNER_POSITIONS = {("vllm", "v1"): "mrope_axis0", ("vllm", "v2"): "sequential"}
+RUNNER_SHARED_SLOTS = {("vllm", "v1"): True, ("vllm", "v2"): False}
 
 
 def engine_prompt(ids: list[int], images: list, image_token_id: int | None, stem: Path) -> dict:
