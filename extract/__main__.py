@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from cache_schema import CacheError
 from extract.config import ExtractConfig  # noqa: F401  (registers the schema)
 from extract.run import run
+from tools.engines import EngineError
 
 
 @hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
@@ -15,7 +16,7 @@ def main(cfg) -> None:
     logging.getLogger("extract").setLevel(logging.INFO)
     try:
         run(OmegaConf.to_object(cfg))
-    except (ValueError, CacheError) as e:  # a user mistake or a bad cache: one line, not a traceback
+    except (ValueError, CacheError, EngineError) as e:  # a mistake, a bad cache, an unservable target: one line
         raise SystemExit(f"extract: {e}") from None
 
 

@@ -40,9 +40,11 @@ def guarded(reason: str, fn, *args):
 
 
 def machine_error(error: Exception) -> bool:
-    """An error of the machine, not of one conversation's data (out of memory, a device fault): skipping the
-    sample would hide it, depend on memory pressure, and with a poisoned device skip every later one."""
-    return (isinstance(error, MemoryError) or type(error).__name__ in ("OutOfMemoryError", "AcceleratorError")
+    """An error of the machine, not of one conversation's data (out of memory, a device fault, a serving engine
+    that cannot run the target): skipping the sample would hide it, depend on memory pressure, and with a poisoned
+    device skip every later one."""
+    return (isinstance(error, MemoryError)
+            or type(error).__name__ in ("OutOfMemoryError", "AcceleratorError", "EngineError")
             or "CUDA error" in str(error))
 
 

@@ -150,19 +150,19 @@ def assert_same_cache(a: str, b: str) -> int:
     return len(want)
 
 
-def engine_extract_args(cache, shards: str, window: int) -> list[str]:
-    return ["target=learned", f"out={cache}", f"data.shards='{shards}'", "generation.engine=vllm",
+def engine_extract_args(cache, shards: str, window: int, target: str = "learned") -> list[str]:
+    return [f"target={target}", f"out={cache}", f"data.shards='{shards}'", "generation.engine=vllm",
             "generation.max_new_tokens=64", "generation.batch_size=16", f"generation.engine_window={window}",
             "progress=false", "target.device=cpu"]
 
 
-def engine_extract_config(root, cache, shards: str, window: int, *overrides):
+def engine_extract_config(root, cache, shards: str, window: int, *overrides, target: str = "learned"):
     """The config `python -m extract` composes from engine_extract_args, the target's path made absolute."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("extract", overrides=[*engine_extract_args(cache, shards, window),
+        cfg = OmegaConf.to_object(compose("extract", overrides=[*engine_extract_args(cache, shards, window, target),
                                                                 "threads=1", *overrides]))
     cfg.target.path = str(root / cfg.target.path)
     return cfg
@@ -182,6 +182,22 @@ def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned
     assert summary["turns"]["engine_answered"] == n == 16
     assert summary["turns"]["engine_disagreements"] == 0
     assert not (tmp_path / "cache" / "regenerated").exists()  # the answers went into the committed shard
+
+
+def test_a_target_the_engine_cannot_run_is_one_error_and_nothing_is_written(tmp_path):
+    """vLLM 0.32's CPU build runs Gated DeltaNet layers in bf16 only: extracting the learned Qwen3.5 in fp32 through
+    it fails in the engine on every prompt. That is one error in the engine's words, not a skip per conversation,
+    and no window of answers is saved (a saved window would be kept, not asked again, on the next run)."""
+    from extract.run import run as extract
+    from helpers import ROOT
+    from tools.demo import scenes
+    from tools.engines import EngineError
+
+    shards = scenes.write_task_shards(tmp_path / "shards", "heldout", 4)
+    cfg = engine_extract_config(ROOT, tmp_path / "cache", ",".join(map(str, shards)), 4, target="learned_qwen35")
+    with pytest.raises(EngineError, match="CPU GDN attention requires BF16"):
+        extract(cfg)
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["manifest.json"]
 
 
 @pytest.mark.slow  # an engine start and a target load more (about 1.3 min): `make test-all`

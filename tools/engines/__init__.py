@@ -19,6 +19,11 @@ RUNNER_POSITIONS = {("vllm", "v1"): "mrope_axis0", ("vllm", "v2"): "sequential"}
 RUNNER_SHARED_SLOTS = {("vllm", "v1"): True, ("vllm", "v2"): False}
 
 
+class EngineError(RuntimeError):
+    """The engine cannot run the target at all (a kernel's assertion, a dtype its backend lacks): one line, the
+    engine's own words."""
+
+
 def engine_prompt(ids: list[int], images: list, image_token_id: int | None, stem: Path) -> dict:
     """A rendered prompt as the engine script takes it: each image's run of placeholders collapsed to one (vLLM
     expands it again with its own processor) and the images written to `folder` as PNG (lossless: the engine
@@ -100,10 +105,14 @@ class VllmWorker:
         return json.loads(line)
 
     def generate(self, prompts: list[dict]) -> dict:
-        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each)."""
+        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each); a
+        RuntimeError naming the engine's failure when it cannot answer them at all (not a refusal of a prompt)."""
         self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
         self.proc.stdin.flush()
-        return self._read()
+        reply = self._read()
+        if "fatal" in reply:
+            raise EngineError(f"vLLM cannot run this target ({reply['fatal']}); nothing of this window was written")
+        return reply
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -8,7 +8,8 @@ CONFIG:  {"model": DIR, "dtype": ..., "max_model_len": N, "memory_fraction": F, 
 Then one JSON request per line on stdin, {"prompts": [{"ids": [...], "images": [files]}, ...]}, and one answer
 per line on stdout, {"outputs": [{"ids": [...], "finish": "stop" | "length"} | {"error": "..."}], "seconds": s}.
 The first line written is {"ready": {"version": ..., "device": ..., "runner": ...}}. A prompt the engine refuses
-(too long for its context, an image it cannot read) gets an error of its own; the others are answered. Every log
+(too long for its context, an image it cannot read) gets an error of its own; the others are answered. When the
+engine fails otherwise (it cannot run the model at all), the worker writes {"fatal": "..."} and exits. Every log
 line of the engine goes to stderr, so stdout carries only the protocol.
 """
 
@@ -20,6 +21,24 @@ import time
 from vllm_generate import engine_prompt, make_llm, sampling_params
 
 
+class EngineFailed(Exception):
+    """The engine failed on a prompt for a reason of its own, not the prompt's: no other prompt would fare better."""
+
+
+def refused(e: Exception) -> bool:
+    """Whether the engine refused the request itself: its client errors (vLLM >= 0.2x) and the ValueError its
+    input checks raise. Anything else (an assertion in a kernel, a dtype the backend lacks) is the engine's."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # an older vLLM on the user's host
+        return isinstance(e, ValueError)
+    return isinstance(e, (ValueError, VLLMClientError))
+
+
+def message(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def answer(llm, params, prompts: list[dict]) -> list[dict]:
     """Each prompt's greedy answer; when the batch fails, each prompt alone, so one refusal costs only itself."""
     def run(batch):
@@ -28,14 +47,15 @@ def answer(llm, params, prompts: list[dict]) -> list[dict]:
     try:
         return run(prompts)
     except Exception:  # noqa: BLE001 - which prompt the engine refuses is found below
-        if len(prompts) == 1:
-            raise
+        pass
     out = []
     for p in prompts:
         try:
             out += run([p])
-        except Exception as e:  # noqa: BLE001 - the refusal is the answer
-            out.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+        except Exception as e:  # noqa: BLE001 - a refusal is the answer, any other failure ends the worker
+            if not refused(e):
+                raise EngineFailed(message(e)) from e
+            out.append({"error": message(e)})
     return out
 
 
@@ -56,11 +76,13 @@ def main(config_path: str) -> None:
         request = json.loads(line)
         started = time.perf_counter()
         try:
-            outputs = answer(llm, params, request["prompts"])
-        except Exception as e:  # noqa: BLE001 - a lone prompt the engine refuses
-            outputs = [{"error": f"{type(e).__name__}: {str(e)[:300]}"}]
-        protocol.write(json.dumps({"outputs": outputs, "seconds": time.perf_counter() - started}) + "\n")
+            reply = {"outputs": answer(llm, params, request["prompts"]), "seconds": time.perf_counter() - started}
+        except EngineFailed as e:
+            reply = {"fatal": str(e)}
+        protocol.write(json.dumps(reply) + "\n")
         protocol.flush()
+        if "fatal" in reply:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file
