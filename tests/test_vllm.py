@@ -97,7 +97,7 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     0's k_norm to every layer, docs/vllm_cpu_defects.md) and trained with the positions its V1 runner feeds. What
     remains is the runner's shared slots, which the offline replay of a cache does not model and our replay as
     served does: the engine's counts equal the latter (measured 151 drafts / 169 accepted on both) and the former
-    within serve_check.TIE_SHARE of the drafts (148 / 170)."""
+    within serve_check.TIE_SHARE of the drafts (148 / 170): that slack is what the test allows both."""
     from tools.serve_check import TIE_SHARE, agrees, run
     from train.evaluate import evaluate_checkpoint
 
@@ -122,20 +122,36 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
 
 def test_serve_check_names_the_v1_runners_positions_and_slots_for_a_token_index_drafter(learned_runs, tmp_path):
     """The drafter trained with token indices, served by the V1 runner, which feeds axis 0 of the M-RoPE ids and
-    gives an image's tokens one drafter cache slot (docs/vllm_cpu_defects.md): the engine accepts less than the
-    drafter does as trained (measured 146 of 171 drafts against 161 of 159), our replay fed as the engine feeds it
-    accounts for the engine's figure, and the check names both causes."""
+    gives an image's tokens one drafter cache slot (docs/vllm_cpu_defects.md): the engine accepts otherwise than the
+    drafter does as trained (measured 171 drafts / 146 accepted against 159 / 161), our replay fed as the engine
+    feeds it accounts for the engine's figure (171 / 146), the same replay without the shared slots does not
+    (167 / 152), and the check names both causes."""
+    from collections import Counter
+    from dataclasses import replace
+
     from tools.serve_check import agrees, run
+    from tools.spec_decode import counting_skips, prepare, prompt_batches, source_conversations
 
     tmp, heldout = learned_runs
     report = run(str(LEARNED), tmp / "sequential", shards=heldout, out=tmp_path, progress=False)
     assert report["lossless"]["engine_vs_its_greedy"] == report["samples"] == 16
     assert report["position_source"] == "sequential" and report["runner_position_source"] == "mrope_axis0"
-    assert report["runner_shared_slots"]
-    assert agrees(report["engine"], report["ours_as_served"]), (report["engine"], report["ours_as_served"])
-    assert not agrees(report["ours"], report["ours_as_served"]) and not report["agrees"]
-    assert report["ours_as_served"]["acceptance_length"] < report["ours"]["acceptance_length"]
+    engine, as_served = report["engine"], report["ours_as_served"]
+    assert agrees(engine, as_served), (engine, as_served)
+    assert not agrees(report["ours"], as_served) and not report["agrees"]
     assert {"position source", "shared slots"} <= {c["cause"] for c in report["causes"]}
+
+    d = prepare(str(LEARNED), tmp / "sequential")
+    positions_only = replace(d.spec, position_source="mrope_axis0", engine_precision=True)
+    skips = counting_skips(Counter())
+    decoded = [positions_only.decode(b, d.limit) for _, b in prompt_batches(
+        d.renderer, source_conversations(heldout, None, skips), None, skips)]
+    drafts, accepted = sum(len(x.matched) for x in decoded), sum(sum(x.matched) for x in decoded)
+
+    def distance(side):
+        return abs(side["drafts"] - engine["drafts"]) + abs(side["accepted"] - engine["accepted"])
+
+    assert distance({"drafts": drafts, "accepted": accepted}) > distance(as_served)
 
 
 def assert_same_cache(a: str, b: str) -> int:

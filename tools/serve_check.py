@@ -75,7 +75,8 @@ def our_figures(decoded: list, block: int, seconds: float) -> dict:
             "acceptance_length": 1 + sum(matched) / cycles if cycles else None,
             "tau": committed / cycles if cycles else None,
             "accept_per_position": [sum(a >= k for a in matched) / cycles if cycles else None for k in range(1, block)],
-            "tokens_per_s": tokens / seconds if seconds else None}
+            "tokens_per_s": tokens / seconds if seconds else None,
+            "overwritten_context": sum(d.overwritten for d in decoded)}
 
 
 def engine_figures(run: dict) -> dict:
@@ -127,22 +128,22 @@ def diagnose(report: dict) -> list[dict]:
     if not agrees(ours, as_served):
         measured = (f"fed as the engine feeds it our replay gives acceptance length "
                     f"{as_served['acceptance_length']:.3f}, as trained {ours['acceptance_length']:.3f}")
-        images, named = any(p["images"] for p in report["prompts"]), len(causes)
-        if report["trained_position_source"] == "mixed":
+        images, named = any(p["images"] for p in report["prompts"]), len(causes)  # positions differ on images only
+        if images and report["trained_position_source"] == "mixed":
             cause("position source",
                   f"{runner} feeds the drafter {fed} positions; it was trained with both (mixed) and accepts "
                   f"differently under them (image prompts only); {measured}")
-        elif trained != fed:
+        elif images and trained != fed:
             cause("position source",
                   f"{runner} feeds the drafter {fed} positions, it was trained with {trained} (they differ on image "
                   f"prompts only); {measured}; serve with a runner that feeds what it was trained with, or retrain "
                   f"with drafter.position_source={fed}")
-        if report["runner_shared_slots"] and images:
+        if as_served["overwritten_context"]:
             cause("shared slots",
                   f"{runner} places the drafter's context in one cache slot per position, so the tokens of an image "
-                  "share one: the drafter keeps only the last of them and reads the others' slots empty "
-                  f"(docs/vllm_cpu_defects.md); {measured}; serve with a runner that gives every token its slot "
-                  "(vLLM's V2)")
+                  f"share one: {as_served['overwritten_context']} context tokens were overwritten and their slots "
+                  f"read empty (docs/vllm_cpu_defects.md); {measured}; serve with a runner that gives every token "
+                  "its slot (vLLM's V2)")
         if len(causes) == named:
             cause("cache rounding",
                   f"the engine feeds the drafter the target's hidden states unrounded, training saw them rounded to "
@@ -171,15 +172,15 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     skipped = Counter()
     on_skip = counting_skips(skipped)
     convs = source_conversations(shards, prompts, on_skip)
-    checkpoint, served = resolve_drafter(drafter)
+    checkpoint, export_dir = resolve_drafter(drafter)
     d = prepare(target_path, checkpoint, max_new_tokens=max_new_tokens, dtype=dtype, device=device)
     target, limit, block = d.target, d.limit, d.spec.dflash.block
     items = list(prompt_batches(d.renderer, convs, max_prompts, on_skip))
     if not items:
         raise ValueError(f"no prompt to decode in {shards or prompts} (skipped: {dict(skipped) or 'none'})")
     with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
-        if served is None:
-            served = export(d.drafter, "speculators", Path(tmp) / "export",
+        if export_dir is None:
+            export_dir = export(d.drafter, "speculators", Path(tmp) / "export",
                             dtype=d.dtype if d.dtype in EXPORT_DTYPES else "bfloat16")
         image_id = target.special_tokens.get("image_token_id")
         request = {"model": target_path, "dtype": d.dtype, "memory_fraction": memory_fraction,
@@ -191,7 +192,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
                                              Path(tmp) / f"prompt-{i}") for i, (c, b) in enumerate(items)],
                    "runs": [{"name": "greedy"},
                             {"name": "speculative", "speculative_config": {
-                                "method": "dflash", "model": str(served), "num_speculative_tokens": block - 1}}]}
+                                "method": "dflash", "model": str(export_dir), "num_speculative_tokens": block - 1}}]}
         print(f"serve_check: {engine} serves {len(items)} prompts, greedy then speculative (its own interpreter; "
               "its start-up takes a while)", flush=True)
         result = ENGINES[engine](request, engine_python)
@@ -210,12 +211,13 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         for name, spec in sides.items():
             decoded[name].append(spec.decode(batch, limit))
             seconds[name] += decoded[name][-1].seconds
-        rows.append({"key": conv.key, "images": len(conv.images), "reference": reference,
+        rows.append({"key": conv.key, "images": len(images_in(conv.messages[:conv.assistant_turns[-1]], conv)),
+                     "reference": reference,
                      "ours": decoded["ours"][-1].tokens,
                      "engine_greedy": result["runs"]["greedy"]["outputs"][i],
                      "engine_speculative": result["runs"]["speculative"]["outputs"][i]})
     figures = {name: our_figures(decoded[name], block, seconds[name]) for name in sides}
-    report = {"target": target_path, "drafter": str(d.drafter), "export": str(served) if drafter != checkpoint
+    report = {"target": target_path, "drafter": str(d.drafter), "export": str(export_dir) if drafter != checkpoint
               else "speculators, written for this check", "engine_name": engine, "engine_version": result["version"],
               "engine_device": result["device"], "runner": runner, "runner_position_source": fed,
               "runner_shared_slots": RUNNER_SHARED_SLOTS[engine, runner],
@@ -290,7 +292,7 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Acceptance per draft position: the engine beside our replay at both position sources."""
+    """Acceptance per draft position: the engine beside our replay as trained and as served."""
     sides = [("engine", report["engine"]),
              (f"ours as trained ({report['position_source']}, {report['hidden_dtype']} states)", report["ours"]),
              (f"ours as served ({served(report)}, unrounded)", report["ours_as_served"])]

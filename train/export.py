@@ -76,7 +76,8 @@ def check_exportable(d: DrafterConfig, manifest: Manifest, fmt: str, reduced: bo
         warnings.warn(
             "drafter.position_source=mrope_axis0: only vLLM's V1 model runner feeds axis 0 of the target's M-RoPE ids; "
             "its default V2 runner (and SGLang) feed token indices, so serve with the V1 runner "
-            "(VLLM_USE_V2_MODEL_RUNNER=0) or retrain with drafter.position_source=sequential", stacklevel=2)
+            "(VLLM_USE_V2_MODEL_RUNNER=0), which also gives an image's context one cache slot "
+            "(docs/vllm_cpu_defects.md), or retrain with drafter.position_source=sequential", stacklevel=2)
 
 
 def provenance(ckpt_path: Path, d: DrafterConfig, manifest: Manifest) -> dict:

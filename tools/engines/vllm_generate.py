@@ -54,6 +54,11 @@ def make_llm(request: dict, images: int, speculative_config: dict | None):
         # imports vLLM anew (measured here: an engine start of 30 s becomes 12 s). On GPUs its defaults stay, where
         # the engine core's own process overlaps scheduling with the devices' work.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if speculative_config is not None:
+            # The V1 runner writes a DFlash drafter's context tokens that share a cache slot (an image's) with
+            # parallel threads, so which one stays is a race unless one thread writes them all: one core then
+            # (docs/vllm_cpu_defects.md, section 3). vLLM would take all cores but one.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(min(os.sched_getaffinity(0)))
     return LLM(model=request["model"], dtype=request.get("dtype", "auto"),
                distributed_executor_backend="uni" if in_process else None,
                max_model_len=request.get("max_model_len", 4096), enforce_eager=True, seed=0, disable_log_stats=False,
