@@ -116,7 +116,7 @@ def test_one_slot_per_position_drafts_as_the_slot_buffer(seed):
     for shared in (True, False):
         cache = ContextCache(len(model.layers))
         for lo, hi in ((0, 7), (7, 16), (16, pos.shape[1])):  # pieces end on text, as the decoder's do
-            rows = one_slot_per_position(hidden[:, lo:hi], pos[:, lo:hi]) if shared else hidden[:, lo:hi]
+            rows = one_slot_per_position(hidden[:, lo:hi], pos[:, lo:hi])[0] if shared else hidden[:, lo:hi]
             model.extend_context(cache, rows, pos[:, lo:hi])
         drafts[shared] = model.draft(cache, ids, block_pos)
     torch.testing.assert_close(drafts[True], want, rtol=1e-12, atol=1e-12)

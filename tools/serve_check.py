@@ -183,13 +183,13 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
             export_dir = export(d.drafter, "speculators", Path(tmp) / "export",
                             dtype=d.dtype if d.dtype in EXPORT_DTYPES else "bfloat16")
         image_id = target.special_tokens.get("image_token_id")
+        shown = [images_in(c.messages[:c.assistant_turns[-1]], c) for c, _ in items]  # each prompt's images
         request = {"model": target_path, "dtype": d.dtype, "memory_fraction": memory_fraction,
                    "max_tokens": limit, "stop_token_ids": target.eos_ids,
                    "banned_token_ids": target.suppressed_ids,
                    "max_model_len": max(b["input_ids"].shape[1] for _, b in items) + limit + block + 16,
-                   "prompts": [engine_prompt(b["input_ids"][0].tolist(),
-                                             images_in(c.messages[:c.assistant_turns[-1]], c), image_id,
-                                             Path(tmp) / f"prompt-{i}") for i, (c, b) in enumerate(items)],
+                   "prompts": [engine_prompt(b["input_ids"][0].tolist(), shown[i], image_id, Path(tmp) / f"prompt-{i}")
+                               for i, (_, b) in enumerate(items)],
                    "runs": [{"name": "greedy"},
                             {"name": "speculative", "speculative_config": {
                                 "method": "dflash", "model": str(export_dir), "num_speculative_tokens": block - 1}}]}
@@ -211,8 +211,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         for name, spec in sides.items():
             decoded[name].append(spec.decode(batch, limit))
             seconds[name] += decoded[name][-1].seconds
-        rows.append({"key": conv.key, "images": len(images_in(conv.messages[:conv.assistant_turns[-1]], conv)),
-                     "reference": reference,
+        rows.append({"key": conv.key, "images": len(shown[i]), "reference": reference,
                      "ours": decoded["ours"][-1].tokens,
                      "engine_greedy": result["runs"]["greedy"]["outputs"][i],
                      "engine_speculative": result["runs"]["speculative"]["outputs"][i]})

@@ -52,21 +52,16 @@ class Decoded:
     overwritten: int = 0  # context tokens whose drafter cache slot a later one took (`shared_slots`)
 
 
-def overwritten_slots(pos_1T: torch.Tensor) -> torch.Tensor:
-    """[T] bool: the context tokens whose drafter cache slot the next token takes, in a cache of one slot per position
-    that one thread fills in order (vLLM's V1 runner on one core, docs/vllm_cpu_defects.md)."""
-    out = torch.zeros(pos_1T.shape[1], dtype=torch.bool, device=pos_1T.device)
-    out[:-1] = pos_1T[0, :-1] == pos_1T[0, 1:]
-    return out
-
-
-def one_slot_per_position(hidden_1TLH: torch.Tensor, pos_1T: torch.Tensor) -> torch.Tensor:
-    """New context as such a cache holds it, where attention still reads as many slots as there are tokens, the
-    overwritten tokens' ones empty: their rows become zeros, whose keys and values are zero (the drafter's projections
-    have no bias; RMSNorm and rotary keep zero). Each call's positions lie above the previous call's, so only tokens
-    of one call share a slot."""
-    gone = overwritten_slots(pos_1T).to(hidden_1TLH.device)
-    return hidden_1TLH.masked_fill(gone[None, :, None, None], 0)
+def one_slot_per_position(hidden_1TLH: torch.Tensor, pos_1T: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """New context as a drafter cache of one slot per position holds it, filled in order by one thread (vLLM's V1
+    runner on one core, docs/vllm_cpu_defects.md): a token whose position the next one shares is overwritten, while
+    attention still reads as many slots as there are tokens, the overwritten tokens' ones empty. Their rows become
+    zeros, whose keys and values are zero (the drafter's projections have no bias; RMSNorm and rotary keep zero).
+    Also how many were overwritten. Each call's positions lie above the previous call's, so only tokens of one call
+    share a slot."""
+    gone = torch.zeros(pos_1T.shape[1], dtype=torch.bool, device=hidden_1TLH.device)
+    gone[:-1] = (pos_1T[0, :-1] == pos_1T[0, 1:]).to(hidden_1TLH.device)
+    return hidden_1TLH.masked_fill(gone[None, :, None, None], 0), int(gone.sum())
 
 
 @dataclass
@@ -198,10 +193,8 @@ class SpeculativeDecoder:
         while out.tokens[-1] not in eos and len(out.tokens) < max_new_tokens:
             n = P + len(out.tokens)  # sequence length; the last token's hidden state does not exist yet
             ctx_pos = self.drafter_positions(new_at, new_hidden.shape[1], axis0, delta)
-            context = new_hidden
-            if self.shared_slots:
-                context = one_slot_per_position(new_hidden, ctx_pos)
-                out.overwritten += int(overwritten_slots(ctx_pos).sum())
+            context, overwritten = one_slot_per_position(new_hidden, ctx_pos) if self.shared_slots else (new_hidden, 0)
+            out.overwritten += overwritten
             for drafting, cache in zip((self.dflash, self.vp), caches):
                 drafting.model.extend_context(cache, context, ctx_pos)
             last = out.tokens[-1]

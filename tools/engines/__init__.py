@@ -105,8 +105,8 @@ class VllmWorker:
         return json.loads(line)
 
     def generate(self, prompts: list[dict]) -> dict:
-        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each); a
-        RuntimeError naming the engine's failure when it cannot answer them at all (not a refusal of a prompt)."""
+        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each); an
+        EngineError naming the engine's failure when it cannot answer them at all (not a refusal of a prompt)."""
         self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
         self.proc.stdin.flush()
         reply = self._read()

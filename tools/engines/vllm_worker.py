@@ -44,19 +44,21 @@ def answer(llm, params, prompts: list[dict]) -> list[dict]:
     def run(batch):
         return [{"ids": list(o.outputs[0].token_ids), "finish": o.outputs[0].finish_reason}
                 for o in llm.generate([engine_prompt(p) for p in batch], params, use_tqdm=False)]
-    try:
-        return run(prompts)
-    except Exception:  # noqa: BLE001 - which prompt the engine refuses is found below
-        pass
-    out = []
-    for p in prompts:
+
+    def alone(prompt) -> list[dict]:
         try:
-            out += run([p])
+            return run([prompt])
         except Exception as e:  # noqa: BLE001 - a refusal is the answer, any other failure ends the worker
             if not refused(e):
                 raise EngineFailed(message(e)) from e
-            out.append({"error": message(e)})
-    return out
+            return [{"error": message(e)}]
+
+    if len(prompts) == 1:
+        return alone(prompts[0])
+    try:
+        return run(prompts)
+    except Exception:  # noqa: BLE001 - which prompt the engine refuses is found below
+        return [out for p in prompts for out in alone(p)]
 
 
 def main(config_path: str) -> None:
