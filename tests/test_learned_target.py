@@ -2,10 +2,12 @@
 
 import json
 import random
+from dataclasses import replace
 from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from extract.formats import parse_sample
@@ -126,6 +128,35 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path
     assert again["examples"] == report["examples"]
 
 
+def test_fine_tuning_an_earlier_build_gives_what_both_phases_from_scratch_give(tmp_path):
+    # Bit-identical: one process, one thread, the same kernels for both.
+    first = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+    both = replace(first, finetune_steps=3, finetune_lr=5e-3)
+    lt.build(tmp_path / "first", first, progress=False)
+    scratch = lt.build(tmp_path / "scratch", both, progress=False)
+    resumed = lt.build(tmp_path / "resumed", both, progress=False, start_from=tmp_path / "first")
+    assert len(scratch["losses"]) == 7 and resumed["losses"] == scratch["losses"]
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("scratch", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = load_file(tmp_path / "first" / "model" / "model.safetensors")
+    assert not all(torch.equal(a[k], before[k]) for k in a)
+    assert resumed["first_phase"]["key"] == first.key() and "first_phase" not in scratch
+    assert resumed["examples"] == scratch["examples"]
+
+
+def test_fine_tuning_refuses_a_build_of_other_settings_before_writing(tmp_path):
+    first = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+    lt.build(tmp_path / "first", first, progress=False)
+    other = replace(first, lr=2e-2, seed=1, finetune_steps=3)
+    with pytest.raises(ValueError, match=r"other settings: lr=0.01 \(here 0.02\), seed=0 \(here 1\)"):
+        lt.build(tmp_path / "out", other, progress=False, start_from=tmp_path / "first")
+    with pytest.raises(ValueError, match="needs --finetune-steps"):
+        lt.build(tmp_path / "out", first, progress=False, start_from=tmp_path / "first")
+    with pytest.raises(ValueError, match="not a learned target build"):
+        lt.build(tmp_path / "out", replace(first, finetune_steps=3), progress=False, start_from=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_settings_are_refused_with_the_key_to_change():
     with pytest.raises(ValueError, match="steps=0"):
         lt.Settings(steps=0)
@@ -133,3 +164,7 @@ def test_bad_settings_are_refused_with_the_key_to_change():
         lt.Settings(steps=20, warmup=50)
     with pytest.raises(ValueError, match="head_dim=20"):
         lt.Settings(head_dim=20)
+    with pytest.raises(ValueError, match="finetune_steps=-1"):
+        lt.Settings(finetune_steps=-1)
+    with pytest.raises(ValueError, match=r"warmup=30 must lie in \[0, finetune_steps=10\)"):
+        lt.Settings(finetune_steps=10)

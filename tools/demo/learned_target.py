@@ -8,8 +8,9 @@ PyTorch AdamW on the canonical answers, loss on assistant tokens only, fed by th
 the chat-template rendering that extraction uses. Deterministic for a seed and thread count.
 
     python -m tools.demo.learned_target OUT [--steps 9000]
-    python -m tools.demo.learned_target OUT --family qwen3_5 --text-layers 8
+    python -m tools.demo.learned_target OUT --family qwen3_5 --text-layers 8 --rope-theta 20 --finetune-steps 3000
 
+`--start-from FIRST` runs only the fine-tuning, from FIRST: a build of the same settings without it. Each run
 writes OUT/model (save_pretrained of model and processor), OUT/accuracy.json, OUT/shards/train-*.tar and
 OUT/shards/heldout-*.tar (reference answers; heldout is for evaluation only).
 """
@@ -22,13 +23,13 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from extract.formats import parse_sample
 from tools.demo import scenes
@@ -57,6 +58,10 @@ class Settings:
     text_layers: int = 6
     head_dim: int = 32
     rope_theta: float = 10_000.0
+    # A second run from the first one's weights with a fresh AdamW (the same warmup and cosine shape, peak
+    # finetune_lr): the Qwen3.5 build left the plateau late in its first run and learns its last tasks here.
+    finetune_steps: int = 0
+    finetune_lr: float = 3e-4
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -69,6 +74,19 @@ class Settings:
                              "split over the t, h and w axes in the real configs' 6:5:5 proportion")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"learned target setting warmup={self.warmup} must lie in [0, steps={self.steps})")
+        if self.finetune_steps < 0:
+            raise ValueError(f"learned target setting finetune_steps={self.finetune_steps} must be at least 0")
+        if self.finetune_steps and self.warmup >= self.finetune_steps:
+            raise ValueError(f"learned target setting warmup={self.warmup} must lie in "
+                             f"[0, finetune_steps={self.finetune_steps})")
+
+    def first_phase(self) -> dict:
+        """The settings of the run that the fine-tuning starts from (the fine-tuning fields left out)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("finetune_")}
+
+    def second_phase(self) -> "Settings":
+        """What `train` runs for the fine-tuning: its steps and peak learning rate."""
+        return replace(self, steps=self.finetune_steps, lr=self.finetune_lr, finetune_steps=0)
 
     def key(self) -> str:
         """Hash of the settings, the generator's source and the library versions: the build's cache key."""
@@ -79,8 +97,11 @@ class Settings:
 
 
 def settings_of(family: str) -> Settings:
-    """The committed build's settings: Qwen3.5 takes 8 layers, twice three linear-attention layers and a full one."""
-    return Settings(family=family, text_layers=8, rope_theta=20.0) if family == "qwen3_5" else Settings(family=family)
+    """The committed build's settings: Qwen3.5 takes 8 layers, twice three linear-attention layers and a full one,
+    and a fine-tuning run after the first."""
+    if family == "qwen3_5":
+        return Settings(family=family, text_layers=8, rope_theta=20.0, finetune_steps=3000)
+    return Settings(family=family)
 
 
 def chat(sample: scenes.Sample, answers: str = "canonical") -> list[dict]:
@@ -292,20 +313,41 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def build(out: Path, settings: Settings = Settings(), progress: bool = True) -> dict:
+def build(out: Path, settings: Settings = Settings(), progress: bool = True, start_from: Path | None = None) -> dict:
     """Train the learned target into `out/model`, write `out/accuracy.json`, return that report. The thread
     count is part of the settings (it changes the rounding, hence the model); the caller's is restored, and so
-    is the global RNG that seeds the initialisation."""
+    is the global RNG that seeds the initialisation.
+
+    `start_from`: an earlier build (its directory) whose settings are this one's first phase: only the
+    fine-tuning runs, from its weights, with the result a run from scratch gets (same threads, same machine).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _build(Path(out), settings, progress)
+            return _build(Path(out), settings, progress, start_from)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, settings: Settings, progress: bool) -> dict:
+def first_phase_report(start_from: Path, settings: Settings) -> dict:
+    """The report of the build at `start_from`, refused unless its settings are `settings`' first phase."""
+    report_path = Path(start_from) / "accuracy.json"
+    if not report_path.is_file() or not (Path(start_from) / "model").is_dir():
+        raise ValueError(f"--start-from {start_from}: not a learned target build (model/ and accuracy.json)")
+    if not settings.finetune_steps:
+        raise ValueError(f"--start-from {start_from} needs --finetune-steps: there is nothing to run after it")
+    report = json.loads(report_path.read_text())
+    wanted = settings.first_phase()
+    differ = sorted(k for k in wanted if report["settings"].get(k) != wanted[k])
+    if differ:
+        raise ValueError(f"--start-from {start_from} was built with other settings: "
+                         + ", ".join(f"{k}={report['settings'].get(k)!r} (here {wanted[k]!r})" for k in differ))
+    return report
+
+
+def _build(out: Path, settings: Settings, progress: bool, start_from: Path | None) -> dict:
+    earlier = first_phase_report(start_from, settings) if start_from is not None else None
     t0 = time.perf_counter()
     # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
     train_set = scenes.samples("target", settings.train_samples, settings.seed)
@@ -315,9 +357,18 @@ def _build(out: Path, settings: Settings, progress: bool) -> dict:
     items = [it for i in tqdm(range(0, len(train_set), 64), desc="encode training samples", disable=not progress)
              for it in encode(processor, train_set[i:i + 64])]
     t_data = time.perf_counter() - t0
-    model = new_model(processor, settings)
     cpu0 = time.process_time()
-    losses = train(model, items, settings, pad_id, progress)
+    if earlier is None:
+        model = new_model(processor, settings)
+        losses = train(model, items, settings, pad_id, progress)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(Path(start_from) / "model", dtype=torch.float32)
+        if AutoProcessor.from_pretrained(Path(start_from) / "model").tokenizer.get_vocab() != \
+                processor.tokenizer.get_vocab():
+            raise ValueError(f"--start-from {start_from}: its tokenizer is not the one these samples build")
+        losses = list(earlier["losses"])
+    if settings.finetune_steps:
+        losses += train(model, items, settings.second_phase(), pad_id, progress)
     t_train = time.perf_counter() - t0 - t_data
     # CPU seconds over all threads: on a shared machine this, not the wall time, says what training costs.
     cpu_train = time.process_time() - cpu0
@@ -330,6 +381,9 @@ def _build(out: Path, settings: Settings, progress: bool) -> dict:
                   final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=[round(x, 4) for x in losses],
                   train_tokens=sum(len(it["input_ids"]) for it in items),
                   checkpoint_mb=round(dir_mb(out / "model"), 2))
+    if earlier is not None:
+        # The seconds above are the fine-tuning's; the first phase's are its own build's.
+        report["first_phase"] = {k: earlier[k] for k in ("key", "exact_match", "train_seconds", "final_loss")}
     (out / "accuracy.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -356,12 +410,16 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--train-shard-samples", type=int, default=512, help="drafter-training prompts to write")
     parser.add_argument("--heldout-shard-samples", type=int, default=128, help="evaluation-only prompts to write")
+    parser.add_argument("--start-from", type=Path, help="an earlier build of the first phase: only fine-tune it")
     defaults = Settings()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
-    settings = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
-    report = build(args.out, settings)
+    try:
+        settings = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
+        report = build(args.out, settings, start_from=args.start_from)
+    except ValueError as err:
+        raise SystemExit(f"learned_target: {err}") from None
     for split, n in (("train", args.train_shard_samples), ("heldout", args.heldout_shard_samples)):
         paths = scenes.write_task_shards(args.out / "shards", split, n, settings.seed)
         print(f"{split}: {len(paths)} shards in {args.out / 'shards'}")
