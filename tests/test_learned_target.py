@@ -2,8 +2,9 @@
 
 import json
 import random
-from dataclasses import replace
+import shutil
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,6 +137,7 @@ def test_fine_tuning_an_earlier_build_gives_what_both_phases_from_scratch_give(t
     scratch = lt.build(tmp_path / "scratch", both, progress=False)
     resumed = lt.build(tmp_path / "resumed", both, progress=False, start_from=tmp_path / "first")
     assert len(scratch["losses"]) == 7 and resumed["losses"] == scratch["losses"]
+    assert resumed["final_loss"] == scratch["final_loss"]
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("scratch", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = load_file(tmp_path / "first" / "model" / "model.safetensors")
@@ -144,16 +146,28 @@ def test_fine_tuning_an_earlier_build_gives_what_both_phases_from_scratch_give(t
     assert resumed["examples"] == scratch["examples"]
 
 
-def test_fine_tuning_refuses_a_build_of_other_settings_before_writing(tmp_path):
+def test_fine_tuning_refuses_a_start_it_cannot_continue_before_writing(tmp_path):
     first = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+    both = replace(first, finetune_steps=3)
     lt.build(tmp_path / "first", first, progress=False)
-    other = replace(first, lr=2e-2, seed=1, finetune_steps=3)
-    with pytest.raises(ValueError, match=r"other settings: lr=0.01 \(here 0.02\), seed=0 \(here 1\)"):
-        lt.build(tmp_path / "out", other, progress=False, start_from=tmp_path / "first")
-    with pytest.raises(ValueError, match="needs --finetune-steps"):
+    with pytest.raises(lt.Refused, match=r"other settings: lr=0.01 \(here 0.02\), seed=0 \(here 1\)"):
+        lt.build(tmp_path / "out", replace(both, lr=2e-2, seed=1), progress=False, start_from=tmp_path / "first")
+    with pytest.raises(lt.Refused, match="needs --finetune-steps"):
         lt.build(tmp_path / "out", first, progress=False, start_from=tmp_path / "first")
-    with pytest.raises(ValueError, match="not a learned target build"):
-        lt.build(tmp_path / "out", replace(first, finetune_steps=3), progress=False, start_from=tmp_path)
+    with pytest.raises(lt.Refused, match="not a learned target build"):
+        lt.build(tmp_path / "out", both, progress=False, start_from=tmp_path)
+    with pytest.raises(lt.Refused, match="is the output directory"):
+        lt.build(tmp_path / "first", both, progress=False, start_from=tmp_path / "first")
+    lt.build(tmp_path / "tuned", both, progress=False, start_from=tmp_path / "first")
+    with pytest.raises(lt.Refused, match="fine-tuned already"):
+        lt.build(tmp_path / "out", both, progress=False, start_from=tmp_path / "tuned")
+    # A build whose report says these settings but whose tokenizer is another's (built from fewer samples).
+    lt.build(tmp_path / "fewer", replace(first, train_samples=4), progress=False)
+    shutil.copytree(tmp_path / "first", tmp_path / "lies")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "fewer" / "model" / name, tmp_path / "lies" / "model" / name)
+    with pytest.raises(lt.Refused, match="its tokenizer is not the one"):
+        lt.build(tmp_path / "out", both, progress=False, start_from=tmp_path / "lies")
     assert not (tmp_path / "out").exists()
 
 

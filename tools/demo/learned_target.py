@@ -59,7 +59,8 @@ class Settings:
     head_dim: int = 32
     rope_theta: float = 10_000.0
     # A second run from the first one's weights with a fresh AdamW (the same warmup and cosine shape, peak
-    # finetune_lr): the Qwen3.5 build left the plateau late in its first run and learns its last tasks here.
+    # finetune_lr, and the same seed, so it sees the batches in the first run's order again): the Qwen3.5 build
+    # left the plateau late in its first run and learns its last tasks here.
     finetune_steps: int = 0
     finetune_lr: float = 3e-4
 
@@ -193,8 +194,8 @@ QWEN35_ROTARY = 0.25
 def text_shape(settings: Settings) -> dict:
     """The language-model fields `settings` choose, over the family's tiny defaults (4 heads, 2 kv heads; for
     Qwen3.5 also the linear-attention heads and full attention every 4th layer)."""
-    rope = {"rope_type": "default", "rope_theta": settings.rope_theta, "mrope_section": mrope_section(settings.head_dim),
-            "mrope_interleaved": True}
+    rope = {"rope_type": "default", "rope_theta": settings.rope_theta,
+            "mrope_section": mrope_section(settings.head_dim), "mrope_interleaved": True}
     if settings.family == "qwen3_5":
         pairs = int(settings.head_dim * QWEN35_ROTARY) // 2
         rope.update(partial_rotary_factor=QWEN35_ROTARY, mrope_section=[pairs - 2 * (pairs // 3)] + [pairs // 3] * 2)
@@ -313,13 +314,19 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
+class Refused(ValueError):
+    """A build that cannot start as asked: what to change is in the message."""
+
+
 def build(out: Path, settings: Settings = Settings(), progress: bool = True, start_from: Path | None = None) -> dict:
     """Train the learned target into `out/model`, write `out/accuracy.json`, return that report. The thread
     count is part of the settings (it changes the rounding, hence the model); the caller's is restored, and so
     is the global RNG that seeds the initialisation.
 
     `start_from`: an earlier build (its directory) whose settings are this one's first phase: only the
-    fine-tuning runs, from its weights, with the result a run from scratch gets (same threads, same machine).
+    fine-tuning runs, from its weights, with the result a run from scratch gets on the same machine and thread
+    count. Its settings and tokenizer are checked; the generator's source and library versions are not (its key,
+    which hashes them, is recorded in the report as `first_phase.key`).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -330,29 +337,37 @@ def build(out: Path, settings: Settings = Settings(), progress: bool = True, sta
         torch.set_num_threads(threads)
 
 
-def first_phase_report(start_from: Path, settings: Settings) -> dict:
+def first_phase_report(start_from: Path, settings: Settings, out: Path) -> dict:
     """The report of the build at `start_from`, refused unless its settings are `settings`' first phase."""
+    if not settings.finetune_steps:
+        raise Refused(f"--start-from {start_from} needs --finetune-steps: there is nothing to run after it")
     report_path = Path(start_from) / "accuracy.json"
     if not report_path.is_file() or not (Path(start_from) / "model").is_dir():
-        raise ValueError(f"--start-from {start_from}: not a learned target build (model/ and accuracy.json)")
-    if not settings.finetune_steps:
-        raise ValueError(f"--start-from {start_from} needs --finetune-steps: there is nothing to run after it")
+        raise Refused(f"--start-from {start_from}: not a learned target build (model/ and accuracy.json)")
+    if Path(start_from).resolve() == Path(out).resolve():
+        raise Refused(f"--start-from {start_from} is the output directory: the build would overwrite its start")
     report = json.loads(report_path.read_text())
+    if report["settings"].get("finetune_steps") or "first_phase" in report:
+        raise Refused(f"--start-from {start_from} is fine-tuned already: start from the build it was fine-tuned from")
     wanted = settings.first_phase()
     differ = sorted(k for k in wanted if report["settings"].get(k) != wanted[k])
     if differ:
-        raise ValueError(f"--start-from {start_from} was built with other settings: "
-                         + ", ".join(f"{k}={report['settings'].get(k)!r} (here {wanted[k]!r})" for k in differ))
+        raise Refused(f"--start-from {start_from} was built with other settings: "
+                      + ", ".join(f"{k}={report['settings'].get(k)!r} (here {wanted[k]!r})" for k in differ))
     return report
 
 
 def _build(out: Path, settings: Settings, progress: bool, start_from: Path | None) -> dict:
-    earlier = first_phase_report(start_from, settings) if start_from is not None else None
+    earlier = first_phase_report(start_from, settings, out) if start_from is not None else None
     t0 = time.perf_counter()
     # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
     train_set = scenes.samples("target", settings.train_samples, settings.seed)
     held_out = scenes.samples("heldout", settings.eval_samples, settings.seed)
     processor = build_processor_for(train_set, settings.family)
+    if earlier is not None:
+        theirs = AutoProcessor.from_pretrained(Path(start_from) / "model").tokenizer
+        if theirs.get_vocab() != processor.tokenizer.get_vocab():
+            raise Refused(f"--start-from {start_from}: its tokenizer is not the one these samples build")
     pad_id = processor.tokenizer.pad_token_id
     items = [it for i in tqdm(range(0, len(train_set), 64), desc="encode training samples", disable=not progress)
              for it in encode(processor, train_set[i:i + 64])]
@@ -363,12 +378,10 @@ def _build(out: Path, settings: Settings, progress: bool, start_from: Path | Non
         losses = train(model, items, settings, pad_id, progress)
     else:
         model = AutoModelForImageTextToText.from_pretrained(Path(start_from) / "model", dtype=torch.float32)
-        if AutoProcessor.from_pretrained(Path(start_from) / "model").tokenizer.get_vocab() != \
-                processor.tokenizer.get_vocab():
-            raise ValueError(f"--start-from {start_from}: its tokenizer is not the one these samples build")
         losses = list(earlier["losses"])
     if settings.finetune_steps:
         losses += train(model, items, settings.second_phase(), pad_id, progress)
+    losses = [round(x, 4) for x in losses]  # as the report keeps them, so a resumed build reports what one run does
     t_train = time.perf_counter() - t0 - t_data
     # CPU seconds over all threads: on a shared machine this, not the wall time, says what training costs.
     cpu_train = time.process_time() - cpu0
@@ -378,7 +391,7 @@ def _build(out: Path, settings: Settings, progress: bool, start_from: Path | Non
     report.update(settings=asdict(settings), key=settings.key(), data_seconds=round(t_data, 1),
                   train_seconds=round(t_train, 1), train_cpu_seconds=round(cpu_train, 1),
                   eval_seconds=round(time.perf_counter() - t0 - t_data - t_train, 1),
-                  final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=[round(x, 4) for x in losses],
+                  final_loss=sum(losses[-20:]) / len(losses[-20:]), losses=losses,
                   train_tokens=sum(len(it["input_ids"]) for it in items),
                   checkpoint_mb=round(dir_mb(out / "model"), 2))
     if earlier is not None:
@@ -417,8 +430,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         settings = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
-        report = build(args.out, settings, start_from=args.start_from)
     except ValueError as err:
+        raise SystemExit(f"learned_target: {err}") from None
+    try:
+        report = build(args.out, settings, start_from=args.start_from)
+    except Refused as err:
         raise SystemExit(f"learned_target: {err}") from None
     for split, n in (("train", args.train_shard_samples), ("heldout", args.heldout_shard_samples)):
         paths = scenes.write_task_shards(args.out / "shards", split, n, settings.seed)
