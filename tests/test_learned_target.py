@@ -16,6 +16,9 @@ from extract.sources import tar_records
 from tools.demo import learned_target as lt
 from tools.demo import scenes
 
+# A first phase that trains in about a second.
+TINY = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+
 
 def test_same_seed_gives_the_same_samples_and_shard_bytes(tmp_path):
     a = [scenes.to_record(s) for s in scenes.samples("train", 12, seed=3)]
@@ -131,7 +134,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path
 
 def test_fine_tuning_an_earlier_build_gives_what_both_phases_from_scratch_give(tmp_path):
     # Bit-identical: one process, one thread, the same kernels for both.
-    first = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+    first = TINY
     both = replace(first, finetune_steps=3, finetune_lr=5e-3)
     lt.build(tmp_path / "first", first, progress=False)
     scratch = lt.build(tmp_path / "scratch", both, progress=False)
@@ -147,7 +150,7 @@ def test_fine_tuning_an_earlier_build_gives_what_both_phases_from_scratch_give(t
 
 
 def test_fine_tuning_refuses_a_start_it_cannot_continue_before_writing(tmp_path):
-    first = lt.Settings(train_samples=32, steps=4, batch_size=8, lr=1e-2, warmup=1, eval_samples=2, threads=1)
+    first = TINY
     both = replace(first, finetune_steps=3)
     lt.build(tmp_path / "first", first, progress=False)
     with pytest.raises(lt.Refused, match=r"other settings: lr=0.01 \(here 0.02\), seed=0 \(here 1\)"):

@@ -332,21 +332,25 @@ def build(out: Path, settings: Settings = Settings(), progress: bool = True, sta
     torch.set_num_threads(settings.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _build(Path(out), settings, progress, start_from)
+            return _build(Path(out), settings, progress, None if start_from is None else Path(start_from))
     finally:
         torch.set_num_threads(threads)
+
+
+def is_build(directory: Path) -> bool:
+    """Whether `directory` holds a build: model/ and accuracy.json, as `build` writes them."""
+    return (Path(directory) / "model").is_dir() and (Path(directory) / "accuracy.json").is_file()
 
 
 def first_phase_report(start_from: Path, settings: Settings, out: Path) -> dict:
     """The report of the build at `start_from`, refused unless its settings are `settings`' first phase."""
     if not settings.finetune_steps:
         raise Refused(f"--start-from {start_from} needs --finetune-steps: there is nothing to run after it")
-    report_path = Path(start_from) / "accuracy.json"
-    if not report_path.is_file() or not (Path(start_from) / "model").is_dir():
+    if not is_build(start_from):
         raise Refused(f"--start-from {start_from}: not a learned target build (model/ and accuracy.json)")
-    if Path(start_from).resolve() == Path(out).resolve():
+    if start_from.resolve() == out.resolve():
         raise Refused(f"--start-from {start_from} is the output directory: the build would overwrite its start")
-    report = json.loads(report_path.read_text())
+    report = json.loads((start_from / "accuracy.json").read_text())
     if report["settings"].get("finetune_steps") or "first_phase" in report:
         raise Refused(f"--start-from {start_from} is fine-tuned already: start from the build it was fine-tuned from")
     wanted = settings.first_phase()
@@ -365,7 +369,7 @@ def _build(out: Path, settings: Settings, progress: bool, start_from: Path | Non
     held_out = scenes.samples("heldout", settings.eval_samples, settings.seed)
     processor = build_processor_for(train_set, settings.family)
     if earlier is not None:
-        theirs = AutoProcessor.from_pretrained(Path(start_from) / "model").tokenizer
+        theirs = AutoProcessor.from_pretrained(start_from / "model").tokenizer
         if theirs.get_vocab() != processor.tokenizer.get_vocab():
             raise Refused(f"--start-from {start_from}: its tokenizer is not the one these samples build")
     pad_id = processor.tokenizer.pad_token_id
@@ -377,7 +381,7 @@ def _build(out: Path, settings: Settings, progress: bool, start_from: Path | Non
         model = new_model(processor, settings)
         losses = train(model, items, settings, pad_id, progress)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(Path(start_from) / "model", dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(start_from / "model", dtype=torch.float32)
         losses = list(earlier["losses"])
     if settings.finetune_steps:
         losses += train(model, items, settings.second_phase(), pad_id, progress)

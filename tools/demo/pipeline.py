@@ -109,7 +109,7 @@ def main() -> None:
         target_dir = learned_target.ensure(work.parent / "learned-target", learned_target.settings_of(args.family))
     else:
         target_dir = args.target_dir or committed
-        if not (target_dir / "model").is_dir() or not (target_dir / "accuracy.json").is_file():
+        if not learned_target.is_build(target_dir):
             raise SystemExit(f"--target-dir {target_dir} does not hold a learned target (model/ and accuracy.json, as "
                              "`python -m tools.demo.learned_target OUT` writes them)")
     print(f"demo in {work} (every stage's log under {work / 'logs'}); learned target {target_dir}", flush=True)
