@@ -161,6 +161,8 @@ def test_fine_tuning_refuses_a_start_it_cannot_continue_before_writing(tmp_path)
         lt.build(tmp_path / "out", both, progress=False, start_from=tmp_path)
     with pytest.raises(lt.Refused, match="is the output directory"):
         lt.build(tmp_path / "first", both, progress=False, start_from=tmp_path / "first")
+    with pytest.raises(lt.Refused, match="holds a learned target build already"):
+        lt.build(tmp_path / "first", first, progress=False)
     lt.build(tmp_path / "tuned", both, progress=False, start_from=tmp_path / "first")
     with pytest.raises(lt.Refused, match="fine-tuned already"):
         lt.build(tmp_path / "out", both, progress=False, start_from=tmp_path / "tuned")

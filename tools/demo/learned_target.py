@@ -363,6 +363,8 @@ def first_phase_report(start_from: Path, settings: Settings, out: Path) -> dict:
 
 def _build(out: Path, settings: Settings, progress: bool, start_from: Path | None) -> dict:
     earlier = first_phase_report(start_from, settings, out) if start_from is not None else None
+    if is_build(out):
+        raise Refused(f"{out} holds a learned target build already: choose another directory or remove it")
     t0 = time.perf_counter()
     # Its own split: the shards' "train" prompts (the drafter's) are new to the target, as real data would be.
     train_set = scenes.samples("target", settings.train_samples, settings.seed)
