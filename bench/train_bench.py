@@ -81,7 +81,7 @@ def one_config(spec: dict) -> dict:
         blocks = objective.blocks(batch, k)
         with autocast:
             loss_sum, stats = objective.loss(model, batch, blocks)
-        (loss_sum / blocks.weights_BQ.sum().clamp_min(1e-8)).backward()
+        (loss_sum / stats["weight"].clamp_min(1e-8)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if torch.isfinite(grad_norm):
             opt.step()

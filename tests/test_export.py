@@ -96,7 +96,7 @@ def test_speculators_export_has_vllm_keys_and_exact_tensor_names(tmp_path):
     assert config["dflash_offline"]["source_checkpoint"] == str(ckpt.resolve())
     assert config["dflash_offline"]["position_source"] == "sequential"
     tensors = load_file(str(out / "model.safetensors"))
-    assert set(tensors) == drafter_weight_names(2)  # no lm_head, d2t or t2d: vLLM then shares the target's head
+    assert set(tensors) == drafter_weight_names(DRAFTER)  # no lm_head, d2t or t2d: vLLM then shares the target's head
     assert "layers.1.self_attn.k_norm.weight" in tensors and tensors["fc.weight"].shape == (32, 3 * 32)
 
 
@@ -114,7 +114,7 @@ def test_dflash_export_has_original_layout_and_its_modeling_file(tmp_path):
     imports = [line.split()[1] for line in modeling.splitlines() if line.startswith(("import ", "from "))]
     assert {name.split(".")[0] for name in imports} <= {"torch", "transformers"}
     tensors = load_file(str(out / "model.safetensors"))
-    assert set(tensors) == drafter_weight_names(2)  # no lm_head / embed_tokens: its loader reports them
+    assert set(tensors) == drafter_weight_names(DRAFTER)  # no lm_head / embed_tokens: its loader reports them
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())  # the default dtype
 
 
@@ -125,7 +125,7 @@ def test_reduced_vocabulary_exports_head_rows_and_id_maps(tmp_path):
     assert config["draft_vocab_size"] == len(DRAFT_IDS)
     assert config["transformer_layer_config"]["vocab_size"] == 300
     tensors = load_file(str(out / "model.safetensors"))
-    assert set(tensors) == drafter_weight_names(2) | {"lm_head.weight", "d2t", "t2d"}
+    assert set(tensors) == drafter_weight_names(DRAFTER) | {"lm_head.weight", "d2t", "t2d"}
     d2t, t2d = tensors["d2t"], tensors["t2d"]
     assert d2t.dtype == torch.int64 and t2d.dtype == torch.bool and t2d.shape == (300,)
     assert torch.equal(torch.arange(len(DRAFT_IDS)) + d2t, DRAFT_IDS)

@@ -149,10 +149,12 @@ class SpeculativeDecoder:
         prompt = axis0_P[t.clamp_max(axis0_P.numel() - 1)]
         return torch.where(t < axis0_P.numel(), prompt, t + delta)[None].to(self.device)
 
-    def _draft(self, drafting: GreedyDrafter, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor):
-        """Greedy target ids [R, B-1] of slots 1..B-1 and their softmax confidences."""
-        h = drafting.model.draft(cache, ids_RB.to(self.device), pos_B.expand(ids_RB.shape[0], -1))
-        tokens, conf = drafting.greedy(h[:, 1:])  # the replay's own rule, so online and offline agree
+    def _draft(self, drafting: GreedyDrafter, cache: ContextCache, ids_RB: torch.Tensor, pos_B: torch.Tensor,
+               prefix_R: torch.Tensor):
+        """Greedy target ids [R, B-1] of slots 1..B-1 (slots < prefix visible) and their confidences."""
+        ids_RB = ids_RB.to(self.device)
+        h = drafting.model.draft(cache, ids_RB, pos_B.expand(ids_RB.shape[0], -1))
+        tokens, conf = drafting.pick(h, ids_RB, prefix_R.to(self.device))  # the replay's own rule: online = offline
         return tokens.cpu(), conf.cpu()
 
     def _branches(self, vp_cache: ContextCache, last: int, first: torch.Tensor, conf: torch.Tensor,
@@ -165,7 +167,7 @@ class SpeculativeDecoder:
         ids[:, 0] = last
         visible = (slot[None, 1:] < points[:, None])
         ids[:, 1:] = torch.where(visible, first[None], ids[:, 1:])
-        vp_tokens, _ = self._draft(self.vp, vp_cache, ids, pos_B)
+        vp_tokens, _ = self._draft(self.vp, vp_cache, ids, pos_B, points)
         return list(torch.where(visible, first[None], vp_tokens))
 
     # --- the loop
@@ -201,7 +203,7 @@ class SpeculativeDecoder:
             pos_B = self.drafter_positions(n - 1, B, axis0, delta)
             block = torch.full((1, B), self.dflash.mask_id, dtype=torch.long)
             block[0, 0] = last
-            first, conf = self._draft(self.dflash, caches[0], block, pos_B)
+            first, conf = self._draft(self.dflash, caches[0], block, pos_B, torch.ones(1, dtype=torch.long))
             candidates = [first[0]]
             if self.vp is not None:
                 candidates += self._branches(caches[1], last, first[0], conf[0], pos_B)

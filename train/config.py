@@ -20,7 +20,13 @@ def served_position_source(trained: str) -> str:
     return "sequential" if trained == "mixed" else trained
 
 
+# dflash: the DFlash backbone; dflash2: plus grouped dynamic convolutions around every sublayer and a candidate
+# selector over the head's top-k (DFlash2).
+ARCHITECTURES = ("dflash", "dflash2")
 MODES = ("dflash", "vp")
+# decay: exp(-(k - p) / gamma) per slot; dpace: weights from the drafter's own confidence (D-PACE).
+WEIGHTINGS = ("decay", "dpace")
+NORMALIZERS = ("weight", "slots")
 ATTENTION = ("auto", "flex", "dense")
 
 
@@ -48,13 +54,31 @@ class DrafterConfig:
     block_size: int = 16
     mask_token_id: int | None = None  # None: first unused vocabulary slot, len(cache tokenizer)
     position_source: str = "sequential"  # one of POSITION_SOURCES
+    architecture: str = "dflash"  # one of ARCHITECTURES; the settings below are DFlash2's (published values)
+    conv_kernel_size: int = 2  # causal taps of the convolutions, within a block (<= block_size)
+    conv_group_size: int = 16  # channels sharing one dynamic coefficient (divides hidden_size)
+    selector_rank: int = 256  # width of the selector's low-rank transition score
+    selector_top_k: int = 16  # candidates per slot: the unary logits' top-k
+    output_multiplier: float = 1.0  # unary logits = softcap(output_multiplier * head(h))
+    final_logit_softcapping: float | None = None  # c: logits -> c * tanh(logits / c); None: no capping
 
 
 @dataclass
 class ObjectiveConfig:
     mode: str = "dflash"  # dflash | vp
     num_anchors: int = 512
-    gamma: float | None = None  # None: 7 for B=16, 5 for B=10, 4 for B=8; inf: no decay
+    weighting: str = "decay"  # one of WEIGHTINGS
+    gamma: float | None = None  # weighting=decay: None picks 7 for B=16, 5 for B=10, 4 for B=8; inf: no decay
+    dpace_alpha: float = 0.5  # weighting=dpace: each slot's confidence is smoothed to (1 - alpha) q + alpha
+    # weight: divide by the step's summed slot weights (a weighted mean of CE); slots: by its scored slots
+    normalizer: str = "weight"
+    # DFlash2's selector loss: weight 0 for the first `selector_warmup` of the run's steps, a linear ramp over the
+    # next `selector_ramp`, then `selector_alpha` (0 freezes the selector); stop_gradient keeps the selector's loss
+    # out of the backbone.
+    selector_alpha: float = 1.0
+    selector_warmup: float = 0.0
+    selector_ramp: float = 0.0
+    selector_stop_gradient: bool = False
     prefix_weight_base: float = 0.9  # vp: P(p) ~ base**p
     loss_chunk_rows: int = 2048  # query rows per chunk of the vocabulary projection
     draft_vocab_size: int | None = None  # None: full vocabulary; k: the k most frequent supervised tokens
@@ -169,10 +193,52 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < d.partial_rotary_factor <= 1:
         raise ValueError(f"drafter.partial_rotary_factor={d.partial_rotary_factor} must be in (0, 1]")
     check_choice("objective.mode", cfg.objective.mode, MODES)
+    validate_objective(cfg.objective)
+    validate_architecture(d, vocab_size=d.vocab_size)
     from train.objective import resolve_gamma  # the objective reads this config: imported here, not at the top
 
     resolve_gamma(cfg.objective.gamma, d.block_size)
     check_choice("attention", cfg.attention, ATTENTION)
+
+
+def validate_objective(o: ObjectiveConfig) -> None:
+    check_choice("objective.weighting", o.weighting, WEIGHTINGS)
+    check_choice("objective.normalizer", o.normalizer, NORMALIZERS)
+    if not 0 <= o.dpace_alpha <= 1:
+        raise ValueError(f"objective.dpace_alpha={o.dpace_alpha} must be in [0, 1]")
+    if not o.selector_alpha >= 0:
+        raise ValueError(f"objective.selector_alpha={o.selector_alpha} must be >= 0 (0 freezes the selector)")
+    for key in ("selector_warmup", "selector_ramp"):
+        if not 0 <= getattr(o, key) <= 1:
+            raise ValueError(f"objective.{key}={getattr(o, key)} must be a fraction of the run's steps, in [0, 1]")
+
+
+def validate_architecture(d: DrafterConfig, vocab_size: int | None, draft_vocab_size: int | None = None) -> None:
+    """DFlash2's settings against the block, the hidden size and the vocabulary (those known so far: the cache
+    fills in the target's dimensions later, and this runs again then)."""
+    check_choice("drafter.architecture", d.architecture, ARCHITECTURES)
+    if d.architecture != "dflash2":
+        if d.output_multiplier != 1 or d.final_logit_softcapping is not None:
+            raise ValueError("drafter.output_multiplier and drafter.final_logit_softcapping shape DFlash2's unary "
+                             "logits; set drafter.architecture=dflash2 or leave them at 1 and null")
+        return
+    if not 1 <= d.conv_kernel_size <= d.block_size:
+        raise ValueError(f"drafter.conv_kernel_size={d.conv_kernel_size} must be in [1, drafter.block_size="
+                         f"{d.block_size}]: the convolution never reaches across a block")
+    if d.conv_group_size < 1 or (d.hidden_size is not None and d.hidden_size % d.conv_group_size):
+        raise ValueError(f"drafter.conv_group_size={d.conv_group_size} must divide the hidden size "
+                         f"{d.hidden_size}")
+    if d.selector_rank < 1:
+        raise ValueError(f"drafter.selector_rank={d.selector_rank} must be >= 1")
+    for name, size in (("the vocabulary", vocab_size), ("the draft vocabulary", draft_vocab_size)):
+        if size is not None and not 1 <= d.selector_top_k <= size:
+            raise ValueError(f"drafter.selector_top_k={d.selector_top_k} must be in [1, {size}] ({name})")
+    if d.selector_top_k < 1:
+        raise ValueError(f"drafter.selector_top_k={d.selector_top_k} must be >= 1")
+    if d.final_logit_softcapping is not None and not d.final_logit_softcapping > 0:
+        raise ValueError(f"drafter.final_logit_softcapping={d.final_logit_softcapping} must be > 0 (null: none)")
+    if not d.output_multiplier > 0:
+        raise ValueError(f"drafter.output_multiplier={d.output_multiplier} must be > 0")
 
 
 def validate_data(data: DataConfig) -> None:

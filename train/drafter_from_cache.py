@@ -6,7 +6,7 @@ import tempfile
 
 from cache_schema import CacheReader
 from cache_schema.layout import TOKENIZER_DIR
-from train.config import DrafterConfig, TrainConfig
+from train.config import DrafterConfig, TrainConfig, validate_architecture
 
 
 def resolve_drafter(cfg: TrainConfig, reader: CacheReader) -> DrafterConfig:
@@ -25,7 +25,9 @@ def resolve_drafter(cfg: TrainConfig, reader: CacheReader) -> DrafterConfig:
     mask_id = d.mask_token_id if d.mask_token_id is not None else first_unused_token(reader)
     if not 0 <= mask_id < m.target.vocab_size:
         raise ValueError(f"drafter.mask_token_id={mask_id} must be a target vocabulary id < {m.target.vocab_size}")
-    return dataclasses.replace(d, **from_cache, mask_token_id=mask_id)
+    resolved = dataclasses.replace(d, **from_cache, mask_token_id=mask_id)
+    validate_architecture(resolved, m.target.vocab_size, cfg.objective.draft_vocab_size)
+    return resolved
 
 
 def _plain(value):

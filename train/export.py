@@ -29,13 +29,18 @@ from train.export_formats import FORMATS
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def drafter_weight_names(num_layers: int) -> set[str]:
+def drafter_weight_names(d: DrafterConfig) -> set[str]:
     """The exact tensor names of the drafter's own weights, which every loader maps by name."""
     per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
     names = {"fc.weight", "hidden_norm.weight", "norm.weight"}
-    return names | {f"layers.{i}.{n}" for i in range(num_layers) for n in per_layer}
+    if d.architecture == "dflash2":
+        per_layer += [f"{c}.{p}" for c in ("attention_conv", "mlp_conv") for p in ("base_kernel",
+                                                                                  "kernel_projection.weight")]
+        names |= {f"candidate_selector.{p}" for p in ("predecessor_codebook", "successor_codebook",
+                                                       "hidden_projection.weight")}
+    return names | {f"layers.{i}.{n}" for i in range(d.num_layers) for n in per_layer}
 
 
 def check_exportable(d: DrafterConfig, manifest: Manifest, fmt: str, reduced: bool) -> None:
@@ -59,6 +64,8 @@ def check_exportable(d: DrafterConfig, manifest: Manifest, fmt: str, reduced: bo
             f"partial_rotary_factor={d.partial_rotary_factor}: serving engines disagree on partial rotary (SGLang "
             "before 0.5.23 rotates the whole head whatever the config says), so this drafter would run with other "
             "positions than it was trained with; retrain with drafter.partial_rotary_factor=1")
+    if d.architecture == "dflash2":
+        check_dflash2_exportable(d, fmt, reduced)
     if reduced and not layout.carries_head:
         raise ValueError(
             f"a drafter trained with a reduced draft vocabulary cannot be exported in the {fmt} format: that layout "
@@ -78,6 +85,22 @@ def check_exportable(d: DrafterConfig, manifest: Manifest, fmt: str, reduced: bo
             "its default V2 runner (and SGLang) feed token indices, so serve with the V1 runner "
             "(VLLM_USE_V2_MODEL_RUNNER=0), which also gives an image's context one cache slot "
             "(docs/vllm_cpu_defects.md), or retrain with drafter.position_source=sequential", stacklevel=2)
+
+
+def check_dflash2_exportable(d: DrafterConfig, fmt: str, reduced: bool) -> None:
+    """What the engines' DFlash2 loaders cannot carry (vLLM 0.32's qwen3_dflash2.py and update_dflash2, SGLang
+    0.5.23's DFlash2DraftModel)."""
+    if reduced:
+        raise ValueError(
+            "a DFlash2 drafter trained with a reduced draft vocabulary cannot be served: vLLM and SGLang take its "
+            "candidates from the target's full vocabulary and apply no d2t to them (vLLM would draft wrong ids, "
+            "SGLang uses the target's head); retrain without objective.draft_vocab_size")
+    if fmt == "speculators" and (d.output_multiplier != 1 or d.final_logit_softcapping is not None):
+        raise ValueError(
+            f"drafter.output_multiplier={d.output_multiplier}, drafter.final_logit_softcapping="
+            f"{d.final_logit_softcapping}: vLLM's speculators reader passes only the four DFlash2 settings on, so it "
+            "would serve the unary logits unscaled; export --format dflash, which vLLM reads with "
+            "--speculative-config '{\"method\": \"dflash\", ...}' and SGLang as it is")
 
 
 def provenance(ckpt_path: Path, d: DrafterConfig, manifest: Manifest) -> dict:
@@ -170,7 +193,7 @@ def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype
     check_exportable(d, ckpt.manifest, fmt, reduced)
     layout = FORMATS[fmt]
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in ckpt.model.state_dict().items()}
-    expected = drafter_weight_names(d.num_layers)
+    expected = drafter_weight_names(d)
     assert set(tensors) == expected, f"drafter weights differ from the export layout: {set(tensors) ^ expected}"
     if reduced:
         extra = vocab_tensors(ckpt.draft_ids, draft_head(ckpt, cache), d.vocab_size)
@@ -184,7 +207,7 @@ def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name, source in layout.extra_files.items():
+        for name, source in layout.extra_files.items() if d.architecture == "dflash" else ():
             shutil.copyfile(source, tmp / name)
         if out.exists():  # an earlier export of this format, and --overwrite (check_out): set aside until replaced
             os.replace(out, old)
@@ -217,7 +240,7 @@ def load_export(path: Path, embed_VH: torch.Tensor | None = None,
     fmt = next((name for name, layout in FORMATS.items() if layout.is_it(config)), None)
     if fmt is None:
         raise ValueError(f"{path}/config.json is none of the export formats {', '.join(FORMATS)}")
-    layer, layer_ids, mask_id = FORMATS[fmt].read(config)
+    layer, layer_ids, mask_id, v2 = FORMATS[fmt].read(config)
     meta = config.get("dflash_offline", {})
     drafter = DrafterConfig(
         hidden_size=layer["hidden_size"], vocab_size=layer["vocab_size"], target_layer_ids=layer_ids,
@@ -226,7 +249,7 @@ def load_export(path: Path, embed_VH: torch.Tensor | None = None,
         intermediate_size=layer["intermediate_size"], rms_norm_eps=layer["rms_norm_eps"],
         rope_theta=layer["rope_parameters"]["rope_theta"], max_position_embeddings=layer["max_position_embeddings"],
         block_size=config["block_size"], mask_token_id=mask_id,
-        position_source=meta.get("position_source", "sequential"))
+        position_source=meta.get("position_source", "sequential"), **v2)
     tensors = load_file(str(path / "model.safetensors"))
     d2t, head = tensors.pop("d2t", None), tensors.pop("lm_head.weight", None)
     tensors.pop("t2d", None)

@@ -4,9 +4,13 @@ weights, what it can carry, and how to read it back. A new serving format is one
 speculators  vLLM's format (`vllm serve DIR` detects it): config.json with `speculators_model_type: dflash`, a
              Qwen3 `transformer_layer_config`, `aux_hidden_state_layer_ids` = target_layer_ids + 1;
              model.safetensors with the drafter's weights, plus `lm_head`, `d2t`, `t2d` for a reduced vocabulary.
+             DFlash2: `speculators_model_type: dflash2` and its four settings at the top level, as vLLM's
+             `update_dflash2` reads them.
 dflash       the original DFlash layout (SGLang, the z-lab code): a Qwen3 config.json with `dflash_config`
              {mask_token_id, target_layer_ids}, `block_size`, `num_target_layers`, `auto_map` to the
-             modeling_dflash.py written beside it (train/hf_dflash.py); the drafter's weights only.
+             modeling_dflash.py written beside it (train/hf_dflash.py); the drafter's weights only. DFlash2:
+             `architectures: [DFlash2DraftModel]` and its settings in `dflash_config`, as SGLang's
+             `parse_dflash_draft_config` reads them (vLLM too, with method dflash); no modeling file.
 """
 
 from collections.abc import Callable
@@ -29,8 +33,8 @@ class ExportFormat:
     token_index_positions_only: bool
     extra_files: dict[str, Path]  # written beside the weights: name -> source file
     is_it: Callable[[dict], bool]  # whether a config.json is of this format
-    # config.json -> (Qwen3 layer fields, target_layer_ids, mask id)
-    read: Callable[[dict], tuple[dict, list[int], int]]
+    # config.json -> (Qwen3 layer fields, target_layer_ids, mask id, DFlash2's settings or {})
+    read: Callable[[dict], tuple[dict, list[int], int, dict]]
 
 
 def qwen3_fields(d: DrafterConfig, dtype: str) -> dict:
@@ -51,6 +55,14 @@ def qwen3_fields(d: DrafterConfig, dtype: str) -> dict:
     }
 
 
+DFLASH2_KEYS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
+UNARY_KEYS = ("output_multiplier", "final_logit_softcapping")  # what the dflash layout carries beside them
+
+
+def dflash2_settings(d: DrafterConfig, keys: tuple[str, ...]) -> dict:
+    return {k: getattr(d, k) for k in keys} if d.architecture == "dflash2" else {}
+
+
 def verifier_architectures(model_type: str) -> list[str]:
     """The class the target loads as: what its family's Auto class maps its config class to, so that a family
     transformers learned at run time (`AutoConfig.register`) is named too."""
@@ -69,11 +81,13 @@ def verifier_architectures(model_type: str) -> list[str]:
 
 def speculators_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: int, dtype: str, meta: dict) -> dict:
     target = manifest.target
+    v2 = d.architecture == "dflash2"
     return {
-        "architectures": ["DFlashSpeculator"],
-        "speculators_model_type": "dflash",
+        "architectures": ["DFlash2DraftModel" if v2 else "DFlashSpeculator"],
+        "speculators_model_type": d.architecture,
+        **dflash2_settings(d, DFLASH2_KEYS),
         "speculators_config": {
-            "algorithm": "dflash",
+            "algorithm": d.architecture,
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": d.block_size - 1,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
             "default_proposal_method": "greedy",
@@ -98,29 +112,40 @@ def speculators_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: i
 
 
 def dflash_config(d: DrafterConfig, manifest: Manifest, draft_vocab_size: int, dtype: str, meta: dict) -> dict:
+    v2 = d.architecture == "dflash2"
+    settings = dflash2_settings(d, DFLASH2_KEYS + UNARY_KEYS)
+    if settings.get("final_logit_softcapping") is None:
+        settings.pop("final_logit_softcapping", None)
     return {
-        "architectures": ["DFlashDraftModel"],
-        "auto_map": {"AutoModel": f"{Path(MODELING_FILE).stem}.DFlashDraftModel"},
+        "architectures": ["DFlash2DraftModel" if v2 else "DFlashDraftModel"],
+        # modeling_dflash.py holds DFlash's architecture only: a DFlash2 export names no code to run.
+        **({} if v2 else {"auto_map": {"AutoModel": f"{Path(MODELING_FILE).stem}.DFlashDraftModel"}}),
         **qwen3_fields(d, dtype),
         "block_size": d.block_size,
         "num_target_layers": manifest.target.num_hidden_layers,
-        "dflash_config": {"mask_token_id": d.mask_token_id, "target_layer_ids": list(d.target_layer_ids)},
+        "dflash_config": {"mask_token_id": d.mask_token_id, "target_layer_ids": list(d.target_layer_ids),
+                          **({"block_size": d.block_size} if v2 else {}), **settings},
         "dflash_offline": meta,
     }
 
 
-def _speculators_fields(config: dict) -> tuple[dict, list[int], int]:
+def _speculators_fields(config: dict) -> tuple[dict, list[int], int, dict]:
+    v2 = {"architecture": "dflash2", **{k: config[k] for k in DFLASH2_KEYS}} \
+        if config["speculators_model_type"] == "dflash2" else {}
     return (config["transformer_layer_config"], [i - 1 for i in config["aux_hidden_state_layer_ids"]],
-            config["mask_token_id"])
+            config["mask_token_id"], v2)
 
 
-def _dflash_fields(config: dict) -> tuple[dict, list[int], int]:
-    return config, config["dflash_config"]["target_layer_ids"], config["dflash_config"]["mask_token_id"]
+def _dflash_fields(config: dict) -> tuple[dict, list[int], int, dict]:
+    dc = config["dflash_config"]
+    v2 = {"architecture": "dflash2", **{k: dc[k] for k in DFLASH2_KEYS + UNARY_KEYS if k in dc}} \
+        if "DFlash2DraftModel" in config.get("architectures", []) else {}
+    return config, dc["target_layer_ids"], dc["mask_token_id"], v2
 
 
 FORMATS = {f.name: f for f in (
     ExportFormat("speculators", speculators_config, carries_head=True, token_index_positions_only=False,
-                 extra_files={}, is_it=lambda c: c.get("speculators_model_type") == "dflash",
+                 extra_files={}, is_it=lambda c: c.get("speculators_model_type") in ("dflash", "dflash2"),
                  read=_speculators_fields),
     ExportFormat("dflash", dflash_config, carries_head=False, token_index_positions_only=True,
                  extra_files={MODELING_FILE: Path(__file__).with_name("hf_dflash.py")},

@@ -38,10 +38,11 @@ def batch_stream(dataset, cfg: TrainConfig, state: TrainState, rank: int, world:
         state.epoch, state.cursor = state.epoch + 1, 0
 
 
-def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tensor, draft_ids, device):
+def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tensor, draft_ids, device,
+                   total_steps: int = 1):
     backend = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "dense")
     return Objective(cfg.objective, block_size=drafter.block_size, mask_id=drafter.mask_token_id, head_VH=head_VH,
-                     seed=cfg.seed, draft_ids=draft_ids, backend=backend)
+                     seed=cfg.seed, draft_ids=draft_ids, backend=backend, total_steps=total_steps)
 
 
 def train(cfg: TrainConfig) -> TrainState:
@@ -101,8 +102,10 @@ def _train(cfg: TrainConfig) -> TrainState:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Drafter(drafter, head["embed_tokens"], head["lm_head"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    if model.selector is not None and cfg.objective.selector_alpha == 0:
+        model.selector.requires_grad_(False)  # weight 0 freezes the selector: it stays as initialised
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_lambda())
     state = TrainState()
     resume_from = checkpoint.find_resume(run_dir, cfg.resume)
@@ -113,7 +116,7 @@ def _train(cfg: TrainConfig) -> TrainState:
               f"starting fresh in {run_dir} (no checkpoint to resume)", flush=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
-    objective = make_objective(cfg, drafter, core.lm_head_VH, draft_ids, device)
+    objective = make_objective(cfg, drafter, core.lm_head_VH, draft_ids, device, plan.total_steps)
     eval_sets = held_out(named_eval, cfg)
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     start_trackers(accelerator, cfg.tracker_project, run_dir,
@@ -136,7 +139,9 @@ def _train(cfg: TrainConfig) -> TrainState:
         return bool(cfg.early_stop_patience) and state.evals_since_best >= cfg.early_stop_patience
 
     # 3. Steps. The loss is normalised by the weight of the whole step (all micro-batches, all ranks), so a
-    # micro-batch with few supervised slots counts for what it holds, as one large batch would.
+    # micro-batch with few supervised slots counts for what it holds, as one large batch would. D-PACE's weights
+    # exist only once the forward has run, so every micro-batch backpropagates its weighted sum and the summed
+    # gradient is divided by the step's weight afterwards (the same gradient, by linearity).
     total = plan.total_steps
     metrics = MetricLog(accelerator)
     stream = batch_stream(train_set, cfg, state, accelerator.process_index, world)
@@ -146,16 +151,19 @@ def _train(cfg: TrainConfig) -> TrainState:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.optim.grad_accum)]
-        blocks = [objective.blocks(b, state.step * cfg.optim.grad_accum + i) for i, b in enumerate(micro)]
-        step_weight = accelerator.reduce(sum(b.weights_BQ.sum() for b in blocks).detach(), "sum").clamp_min(1e-8)
         sums: dict = {}
-        for i, (batch, blk) in enumerate(zip(micro, blocks)):
+        for i, batch in enumerate(micro):
+            blk = objective.blocks(batch, state.step * cfg.optim.grad_accum + i)
             last_micro = i + 1 == len(micro)
             with accelerator.autocast(), contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss_sum, stats = objective.loss(model, batch, blk)
-                # DDP averages gradients over ranks; scaling by the world size makes that average a global sum.
-                accelerator.backward(loss_sum * world / step_weight)
+                loss_sum, stats = objective.loss(model, batch, blk, step=state.step)
+                accelerator.backward(loss_sum)
             add_sums(sums, stats)
+        # DDP averages gradients over ranks; scaling by the world size makes that average a global sum.
+        step_weight = accelerator.reduce(sums["weight"].to(device, torch.float32), "sum").clamp_min(1e-8)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(world / step_weight)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         if torch.isfinite(grad_norm):
             optimizer.step()

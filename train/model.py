@@ -4,6 +4,9 @@
     per layer:  q from block tokens; k, v = [k_proj/v_proj(context) ; k_proj/v_proj(block)]
                 non-causal inside a block, context strictly before the block's anchor (see train/attention.py)
     logits    = target_lm_head(norm(h))                           embedding and head are the target's, frozen
+
+DFlash2 (drafter.architecture=dflash2) adds a grouped dynamic convolution around every sublayer and a candidate
+selector over the head's top-k (train/dflash2.py).
 """
 
 import torch
@@ -12,6 +15,7 @@ from torch import nn
 
 from train.attention import attend
 from train.config import DrafterConfig
+from train.dflash2 import CandidateSelector, GroupedDynamicConv, shape_logits
 
 
 class RMSNorm(nn.Module):
@@ -104,15 +108,30 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.convolved = cfg.architecture == "dflash2"
+        if self.convolved:
+            conv = (cfg.hidden_size, cfg.block_size, cfg.conv_kernel_size, cfg.conv_group_size)
+            self.attention_conv = GroupedDynamicConv(*conv)
+            self.mlp_conv = GroupedDynamicConv(*conv)
+
+    def _sublayer(self, conv_name: str, x, sublayer):
+        """sublayer(x), wrapped in its convolution for DFlash2 (prepare after the norm, finish before the add)."""
+        if not self.convolved:
+            return sublayer(x)
+        conv = getattr(self, conv_name)
+        x, delta = conv.prepare(x)
+        return conv.finish(sublayer(x), delta)
 
     def forward(self, x, ctx, pos, ctx_pos, rope, mask, backend):
         # The context stream gets no input_layernorm: hidden_norm already normalised it.
-        x = x + self.self_attn(self.input_layernorm(x), ctx, pos, ctx_pos, rope, mask, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._sublayer("attention_conv", self.input_layernorm(x),
+                               lambda a: self.self_attn(a, ctx, pos, ctx_pos, rope, mask, backend))
+        return x + self._sublayer("mlp_conv", self.post_attention_layernorm(x), self.mlp)
 
     def forward_cached(self, x, pos, k_ctx, v_ctx, rope):
-        x = x + self.self_attn.attend_cached(self.input_layernorm(x), pos, k_ctx, v_ctx, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._sublayer("attention_conv", self.input_layernorm(x),
+                               lambda a: self.self_attn.attend_cached(a, pos, k_ctx, v_ctx, rope))
+        return x + self._sublayer("mlp_conv", self.post_attention_layernorm(x), self.mlp)
 
 
 class Drafter(nn.Module):
@@ -125,6 +144,9 @@ class Drafter(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = Rotary(cfg)
+        if cfg.architecture == "dflash2":
+            self.candidate_selector = CandidateSelector(cfg.vocab_size, cfg.hidden_size, cfg.selector_rank,
+                                                        cfg.selector_top_k)
         # Frozen target tensors: buffers in the cache's dtype (bf16), so optimisers and gradient syncs never see
         # them and they cost what they cost the target. None (e.g. for export) leaves the drafter headless.
         self.register_buffer("embed_VH", None if embed_VH is None else embed_VH.detach(), persistent=False)
@@ -135,6 +157,20 @@ class Drafter(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
+        # DFlash2's parts start as no-ops: identity convolutions, a selector that keeps the unary order.
+        for module in self.modules():
+            if isinstance(module, GroupedDynamicConv):
+                module.reset_parameters()
+            elif isinstance(module, CandidateSelector):
+                module.reset_parameters(std)
+
+    @property
+    def selector(self) -> CandidateSelector | None:
+        return getattr(self, "candidate_selector", None)
+
+    def shape_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The drafter's logits from the head's raw ones (DFlash2 scales and caps them as configured)."""
+        return shape_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
     def context(self, hidden_BTLH: torch.Tensor) -> torch.Tensor:
         return self.hidden_norm(self.fc(hidden_BTLH.flatten(2).to(self.fc.weight.dtype)))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.attention import build_mask
-from train.config import MODES, ObjectiveConfig, check_choice
+from train.config import MODES, WEIGHTINGS, ObjectiveConfig, check_choice
 
 # DFlash's decay per block size (seed 002's Qwen3-VL recipe: B=8, gamma 4); other sizes scale 7 * B / 16.
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
@@ -94,6 +94,7 @@ class Blocks:
     prefix_BN: torch.Tensor
     anchors_BN: torch.Tensor
     keep_BN: torch.Tensor
+    prev_BQ: torch.Tensor | None = None  # target id of each slot's previous token (the anchor's for slot 1)
 
 
 def _slots(anchors_BN, lengths_B, block: int):
@@ -132,40 +133,73 @@ def make_blocks(input_ids_BT, positions_BT, loss_mask_BT, lengths_B, anchors_BN,
                 block: int, mask_id: int, gamma: float) -> Blocks:
     ids, pos, labels = block_inputs(input_ids_BT, positions_BT, lengths_B, anchors_BN, prefix_BN, block, mask_id)
     weights = block_weights(loss_mask_BT, lengths_B, anchors_BN, keep_BN, prefix_BN, block, gamma)
+    tokens = labels.view(*anchors_BN.shape, block)
+    prev = torch.cat([tokens[..., :1], tokens[..., :-1]], dim=-1).flatten(1)
     return Blocks(ids_BQ=ids, pos_BQ=pos, labels_BQ=labels, weights_BQ=weights, prefix_BN=prefix_BN,
-                  anchors_BN=anchors_BN, keep_BN=keep_BN)
+                  anchors_BN=anchors_BN, keep_BN=keep_BN, prev_BQ=prev)
 
 
-def _chunk_terms(h_RH, head_VH, labels_R, weights_R):
-    logits = (h_RH @ head_VH.T).to(torch.promote_types(h_RH.dtype, torch.float32))
-    ce = F.cross_entropy(logits, labels_R, reduction="none")
-    return (ce * weights_R).sum(), (logits.argmax(-1) == labels_R)
+def _chunk_terms(h_RH, head_VH, labels_R, shape, top_k: int):
+    logits = shape(h_RH @ head_VH.T).to(torch.promote_types(h_RH.dtype, torch.float32))
+    out = (F.cross_entropy(logits, labels_R, reduction="none"), logits.argmax(-1) == labels_R)
+    return out + tuple(logits.topk(top_k)) if top_k else out
 
 
-def chunked_loss(h_BQH, head_VH, labels_BQ, weights_BQ, chunk_rows: int):
-    """sum(w * CE) over loss rows only, `chunk_rows` rows of logits at a time (recomputed in backward when there
-    is more than one chunk), so peak memory does not grow with anchors x block x vocab. Returns (weighted loss
-    sum, correct_BQ)."""
-    rows = weights_BQ.flatten().nonzero().squeeze(1)
+@dataclass
+class SlotLogits:
+    """What the loss needs of each scored slot's logits, without keeping them: cross-entropy (0 on unscored slots)
+    and argmax hits [B, Q]; with a selector, the scored rows' flat indices and their top-k logits and ids [R, K]."""
+
+    ce_BQ: torch.Tensor
+    correct_BQ: torch.Tensor
+    rows_R: torch.Tensor
+    top_logits_RK: torch.Tensor | None = None
+    top_ids_RK: torch.Tensor | None = None
+
+
+def chunked_logits(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows: int, shape=lambda x: x, top_k: int = 0):
+    """The scored slots' logits (`shape` applied to h @ head.T), `chunk_rows` rows at a time (recomputed in backward
+    when there is more than one chunk), so peak memory does not grow with anchors x block x vocab."""
+    rows = scored_BQ.flatten().nonzero().squeeze(1)
     h = h_BQH.flatten(0, 1)[rows]
-    y, w = labels_BQ.flatten()[rows], weights_BQ.flatten()[rows]
+    y = labels_BQ.flatten()[rows]
     if head_VH.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
         head_VH = head_VH.to(h.dtype)  # once per call, not per chunk (under autocast the matmul casts itself)
-    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
-    hits = torch.zeros_like(y, dtype=torch.bool)
+    parts = []
     # One chunk holds every row's logits anyway: recomputing them in backward would only cost time.
     recompute = torch.is_grad_enabled() and rows.numel() > chunk_rows
     for s in range(0, rows.numel(), chunk_rows):
-        part = slice(s, s + chunk_rows)
-        if recompute:
-            loss_sum, hit = checkpoint(_chunk_terms, h[part], head_VH, y[part], w[part], use_reentrant=False)
-        else:
-            loss_sum, hit = _chunk_terms(h[part], head_VH, y[part], w[part])
-        total = total + loss_sum
-        hits[part] = hit
+        args = (h[s:s + chunk_rows], head_VH, y[s:s + chunk_rows], shape, top_k)
+        parts.append(checkpoint(_chunk_terms, *args, use_reentrant=False) if recompute else _chunk_terms(*args))
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    ce = h.new_zeros(labels_BQ.numel(), dtype=dtype)
     correct = torch.zeros(labels_BQ.numel(), dtype=torch.bool, device=labels_BQ.device)
-    correct[rows] = hits
-    return total, correct.view_as(labels_BQ)
+    top = [None, None]
+    if parts:
+        cols = list(zip(*parts))
+        ce = ce.index_put((rows,), torch.cat(cols[0]))
+        correct[rows] = torch.cat(cols[1])
+        if top_k:
+            top = [torch.cat(cols[2]), torch.cat(cols[3])]
+    elif top_k:
+        top = [h.new_zeros(0, top_k, dtype=dtype), torch.zeros(0, top_k, dtype=torch.long, device=h.device)]
+    return SlotLogits(ce.view_as(labels_BQ), correct.view_as(labels_BQ), rows, *top)
+
+
+def chunked_ce(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows: int):
+    """Cross-entropy of every scored slot (0 elsewhere, with its graph) and whether its argmax is right."""
+    out = chunked_logits(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows)
+    return out.ce_BQ, out.correct_BQ
+
+
+def dpace_weights(ce_BNK: torch.Tensor, scored_BNK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D-PACE slot weights (arXiv 2605.18810) from the drafter's own per-slot cross-entropy, which the caller
+    detaches: q_k = exp(-CE_k) smoothed to (1 - alpha) q_k + alpha, P_k = prod_{i<=k} q_i with every unscored slot
+    counting 1 (so a VP block's product starts at its first masked slot), w_k = sum_{m>=k} P_m [m scored], and 0 on
+    unscored slots. A slot weighs what the block still expects to gain from it being right."""
+    q = torch.where(scored_BNK, (1 - alpha) * torch.exp(-ce_BNK) + alpha, torch.ones_like(ce_BNK))
+    reach = torch.cumprod(q, dim=-1) * scored_BNK
+    return reach.flip(-1).cumsum(-1).flip(-1) * scored_BNK
 
 
 def block_stats(correct_BQ, blocks: Blocks, block: int) -> dict[str, torch.Tensor]:
@@ -189,6 +223,11 @@ def step_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
            "acceptance_estimate": host["accepted"] / host["blocks"] if host["blocks"] else math.nan,
            "supervised_tokens": host["tokens"]}
     out.update({f"acc_{s}": h / n for s, (h, n) in enumerate(zip(host["slot_hits"], host["slot_scored"])) if n})
+    if "selector_loss_sum" in host:  # DFlash2: what the selector adds over the unary argmax path
+        out.update(selector_loss=host["selector_loss_sum"] / host["weight"] if host["weight"] else math.nan,
+                   acceptance_estimate_unary=host["accepted_unary"] / host["blocks"] if host["blocks"] else math.nan,
+                   candidate_recall=(host["candidate_hits"] / host["candidate_scored"] if host["candidate_scored"]
+                                     else math.nan))
     if "skipped_steps" in host:
         out["skipped_steps"] = host["skipped_steps"]
     return out
@@ -217,21 +256,42 @@ def target_to_draft(draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return t2d
 
 
+def selector_terms(selector, h_RH, top: SlotLogits, prev_R, gold_R, draft_ids, stop_gradient: bool):
+    """DFlash2's selector on the scored rows: cross-entropy over the strict unary top-k set of each slot after its
+    true previous token (0 where the gold token is outside the set), whether the gold token is in the set, and
+    whether the selector ranks it first. Candidates are draft ids; the codebooks take target ids."""
+    logits, cand = top.top_logits_RK, top.top_ids_RK
+    if stop_gradient:  # only the selector's own parameters learn from its loss
+        h_RH, logits = h_RH.detach(), logits.detach()
+    cand_target = cand if draft_ids is None else draft_ids[cand]
+    scores = logits + selector.transition(h_RH, prev_R, cand_target).to(logits.dtype)
+    in_set = cand == gold_R[:, None]
+    contains = in_set.any(-1)
+    where = in_set.long().argmax(-1)
+    ce = F.cross_entropy(scores, where, reduction="none") * contains
+    return ce, contains, contains & (scores.argmax(-1) == where)
+
+
 class Objective:
-    """Everything the loss needs beside the model: block size, mask id, gamma, anchors, the (draft) head."""
+    """Everything the loss needs beside the model: block size, mask id, slot weighting, anchors, the (draft) head,
+    and for DFlash2 the selector loss's schedule over the run's `total_steps`."""
 
     def __init__(self, cfg: ObjectiveConfig, *, block_size: int, mask_id: int, head_VH: torch.Tensor, seed: int = 0,
-                 draft_ids: torch.Tensor | None = None, backend: str = "dense"):
+                 draft_ids: torch.Tensor | None = None, backend: str = "dense", total_steps: int = 1):
         check_choice("objective.mode", cfg.mode, MODES)
+        check_choice("objective.weighting", cfg.weighting, WEIGHTINGS)
+        self.cfg = cfg
         self.block, self.mask_id, self.mode, self.seed = block_size, mask_id, cfg.mode, seed
-        self.gamma = resolve_gamma(cfg.gamma, block_size)
+        # D-PACE's weights come from the drafter's confidence at the loss: the blocks carry 1 on every scored slot.
+        self.gamma = resolve_gamma(cfg.gamma, block_size) if cfg.weighting == "decay" else math.inf
         self.num_anchors, self.base, self.chunk_rows, self.backend = (cfg.num_anchors, cfg.prefix_weight_base,
                                                                       cfg.loss_chunk_rows, backend)
-        self.head_VH, self.t2d = head_VH, None
+        self.total_steps = total_steps
+        self.head_VH, self.t2d, self.draft_ids = head_VH, None, None
         if draft_ids is not None:
             # The head is frozen, so the draft-vocabulary rows are gathered once, not at every step.
-            draft_ids = draft_ids.to(head_VH.device)
-            self.head_VH, self.t2d = head_VH[draft_ids], target_to_draft(draft_ids, head_VH.shape[0])
+            self.draft_ids = draft_ids.to(head_VH.device)
+            self.head_VH, self.t2d = head_VH[self.draft_ids], target_to_draft(self.draft_ids, head_VH.shape[0])
 
     def blocks(self, batch: dict, step: int) -> Blocks:
         """Anchors, prefixes, block inputs, labels and weights of one micro-batch. Labels are draft-vocabulary
@@ -247,11 +307,54 @@ class Objective:
             blocks.labels_BQ = labels.clamp_min(0)
         return blocks
 
-    def loss(self, model, batch: dict, blocks: Blocks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of w * CE, statistics as sums); divide the first by the step's total weight."""
+    def slot_weights(self, ce_BQ: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+        """Each slot's loss weight: the blocks' decayed weights, or D-PACE's from the (detached) cross-entropy."""
+        if self.cfg.weighting == "decay":
+            return blocks.weights_BQ
+        B, N = blocks.anchors_BN.shape
+        scored = (blocks.weights_BQ > 0).view(B, N, self.block)
+        return dpace_weights(ce_BQ.view(B, N, self.block), scored, self.cfg.dpace_alpha).flatten(1)
+
+    def selector_weight(self, step: int | None) -> float:
+        """The selector loss's weight at optimizer step `step` (None: the full weight, as evaluation reports it)."""
+        alpha = self.cfg.selector_alpha
+        if step is None:
+            return alpha
+        warm, ramp = self.cfg.selector_warmup * self.total_steps, self.cfg.selector_ramp * self.total_steps
+        if step < warm:
+            return 0.0
+        return alpha if step >= warm + ramp else alpha * (step - warm) / ramp
+
+    def loss(self, model, batch: dict, blocks: Blocks, step: int | None = None):
+        """(sum of w * CE plus DFlash2's weighted selector term, statistics as sums); "weight" in the statistics is
+        the normaliser: the caller divides the step's gradient by its sum over the step (every micro-batch on every
+        rank). `step` (the optimizer step) sets the selector's weight."""
+        core = getattr(model, "module", model)  # DDP's wrapper forwards calls, not attributes
         mask = build_mask(blocks.anchors_BN, batch["lengths"], batch["input_ids"].shape[1], self.block, self.backend)
         h = model(batch["hidden"], batch["positions"], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
-        loss_sum, correct = chunked_loss(h, self.head_VH, blocks.labels_BQ, blocks.weights_BQ, self.chunk_rows)
-        stats = {"loss_sum": loss_sum.detach().double(), "weight": blocks.weights_BQ.sum().double(),
-                 "tokens": batch["loss_mask"].sum().double(), **block_stats(correct, blocks, self.block)}
-        return loss_sum, stats
+        selector = core.selector
+        top_k = selector.top_k if selector is not None else 0
+        slots = chunked_logits(h, self.head_VH, blocks.labels_BQ, blocks.weights_BQ > 0, self.chunk_rows,
+                               core.shape_logits, top_k)
+        weights = self.slot_weights(slots.ce_BQ.detach(), blocks)
+        loss_sum = (weights * slots.ce_BQ).sum()
+        scored = blocks.weights_BQ > 0
+        stats = {"loss_sum": loss_sum.detach().double(),
+                 "weight": (weights.sum() if self.cfg.normalizer == "weight" else scored.sum()).double(),
+                 "tokens": batch["loss_mask"].sum().double()}
+        if selector is None:
+            return loss_sum, {**stats, **block_stats(slots.correct_BQ, blocks, self.block)}
+        rows = slots.rows_R
+        alpha = self.selector_weight(step)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.selector_alpha > 0):
+            ce, contains, hit = selector_terms(selector, h.flatten(0, 1)[rows], slots, blocks.prev_BQ.flatten()[rows],
+                                               blocks.labels_BQ.flatten()[rows], self.draft_ids,
+                                               self.cfg.selector_stop_gradient)
+            selector_sum = (weights.flatten()[rows] * ce).sum()
+        selected = torch.zeros_like(slots.correct_BQ).flatten().index_put((rows,), hit).view_as(slots.correct_BQ)
+        unary = block_stats(slots.correct_BQ, blocks, self.block)
+        stats.update(block_stats(selected, blocks, self.block), accepted_unary=unary["accepted"],
+                     selector_loss_sum=selector_sum.detach().double(), candidate_hits=contains.sum().double(),
+                     candidate_scored=scored.sum().double())
+        total = loss_sum + alpha * selector_sum if selector_sum.requires_grad else loss_sum
+        return total, stats

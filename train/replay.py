@@ -39,6 +39,7 @@ class GreedyDrafter:
     backend: str = "dense"
     rows: int = 4096  # query rows (anchors x block) per drafter pass: bounds memory on long samples
     logit_rows: int = 512  # rows per vocabulary projection
+    use_selector: bool = True  # DFlash2: walk the selector's path (False: each slot's unary argmax)
 
     @classmethod
     def of(cls, model, head_VH, block: int, mask_id: int, draft_ids=None, backend: str = "dense") -> "GreedyDrafter":
@@ -64,7 +65,7 @@ class GreedyDrafter:
     def draft(self, sample: dict, anchors_N: torch.Tensor, prefix_N: torch.Tensor):
         """Greedy drafts of the blocks at `anchors_N` whose slots < prefix hold the sample's own tokens.
 
-        Returns (tokens [N, B-1] target ids of slots 1..B-1, confidences [N, B-1]: softmax prob of each argmax).
+        Returns (tokens [N, B-1] target ids of slots 1..B-1, confidences [N, B-1]: each drafted token's probability).
         """
         device = self.head_VH.device
         ids_T, pos_T = sample["input_ids"].to(device), sample["positions"].to(device)
@@ -75,26 +76,55 @@ class GreedyDrafter:
         per = max(1, self.rows // B)
         for lo in range(0, anchors_N.shape[0], per):
             anchors = anchors_N[lo:lo + per].to(device)[None]
-            prefix = prefix_N[lo:lo + per].to(device)[None]
-            ids_BQ, pos_BQ, _ = block_inputs(ids_T[None], pos_T[None], length, anchors, prefix, B, self.mask_id)
+            prefix = prefix_N[lo:lo + per].to(device)
+            ids_BQ, pos_BQ, _ = block_inputs(ids_T[None], pos_T[None], length, anchors, prefix[None], B, self.mask_id)
             mask = build_mask(anchors, length, T, B, self.backend)
             h = self.model(hidden, pos_T[None], ids_BQ, pos_BQ, mask, self.backend)
-            h_RH = h.view(-1, B, h.shape[-1])[:, 1:].flatten(0, 1)
-            for r in range(0, h_RH.shape[0], self.logit_rows):
-                tok, conf = self.greedy(h_RH[r:r + self.logit_rows])
-                tokens.append(tok)
-                confs.append(conf)
-        tok = torch.cat(tokens).view(-1, B - 1) if tokens else torch.zeros(0, B - 1, dtype=torch.long, device=device)
-        conf = torch.cat(confs).view(-1, B - 1) if confs else torch.zeros(0, B - 1, device=device)
+            tok, conf = self.pick(h.view(-1, B, h.shape[-1]), ids_BQ.view(-1, B), prefix)
+            tokens.append(tok)
+            confs.append(conf)
+        tok = torch.cat(tokens) if tokens else torch.zeros(0, B - 1, dtype=torch.long, device=device)
+        conf = torch.cat(confs) if confs else torch.zeros(0, B - 1, device=device)
         return tok.cpu(), conf.cpu()
 
-    def greedy(self, h_RH: torch.Tensor):
-        """(argmax target ids, their softmax probabilities) of final hidden states [..., H]; logits in the
-        head's dtype, fp32 at least."""
-        logits = h_RH.to(self.head_VH.dtype) @ self.head_VH.T
-        best = logits.max(-1)
-        tokens = best.indices if self.draft_ids is None else self.draft_ids[best.indices]
-        return tokens, torch.exp(best.values - torch.logsumexp(logits, -1))
+    def pick(self, h_NBH: torch.Tensor, ids_NB: torch.Tensor, prefix_N: torch.Tensor):
+        """(target ids [N, B-1], their probabilities) of slots 1..B-1 of blocks whose final hidden states are `h_NBH`
+        and inputs `ids_NB` (slots < prefix visible), `logit_rows` rows of logits at a time. DFlash: each slot's
+        argmax. DFlash2: the selector's greedy walk over the unary top-k, each slot's predecessor the token before
+        it (drafted, or visible); a token's probability is the unary mass of its slot's candidates times the
+        selector's share of it."""
+        h = h_NBH[:, 1:]
+        per = max(1, self.logit_rows // h.shape[1])
+        parts = [self._pick(h[i:i + per], ids_NB[i:i + per], prefix_N[i:i + per]) for i in range(0, h.shape[0], per)]
+        if not parts:
+            return (torch.zeros(0, self.block - 1, dtype=torch.long, device=h.device),
+                    torch.zeros(0, self.block - 1, device=h.device))
+        return torch.cat([t for t, _ in parts]), torch.cat([c for _, c in parts])
+
+    def _pick(self, h_NKH, ids_NB, prefix_N):
+        logits = self.model.shape_logits(h_NKH.to(self.head_VH.dtype) @ self.head_VH.T)  # [N, B-1, V]
+        lse = torch.logsumexp(logits, -1)
+        selector = self.model.selector if self.use_selector else None
+        if selector is None:
+            best = logits.max(-1)
+            return self.target_ids(best.indices), torch.exp(best.values - lse)
+        top_logits, top = logits.topk(selector.top_k, dim=-1)
+        set_mass = torch.exp(top_logits - lse[..., None]).sum(-1)
+        cand = self.target_ids(top)
+        tokens, confs = [], []
+        prev = ids_NB[:, 0]
+        for k in range(1, self.block):
+            if k > 1:
+                prev = torch.where(k - 1 < prefix_N, ids_NB[:, k - 1], tokens[-1])
+            scores = top_logits[:, k - 1] + selector.transition(h_NKH[:, k - 1], prev, cand[:, k - 1]).to(
+                top_logits.dtype)
+            choice = scores.argmax(-1, keepdim=True)
+            tokens.append(cand[:, k - 1].gather(-1, choice).squeeze(-1))
+            confs.append(torch.softmax(scores, -1).gather(-1, choice).squeeze(-1) * set_mass[:, k - 1])
+        return torch.stack(tokens, 1), torch.stack(confs, 1)
+
+    def target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.draft_ids is None else self.draft_ids[ids]
 
 
 def matched(tokens_NK: torch.Tensor, input_ids_T: torch.Tensor, anchors_N: torch.Tensor, ends_N: torch.Tensor):
