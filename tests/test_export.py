@@ -258,3 +258,39 @@ def test_main_reports_a_refusal_in_one_line(tmp_path, capsys):
     ckpt, _, _, _ = make_run(tmp_path)
     with pytest.raises(SystemExit, match="^train.export: --out .* inside the checkpoint"):
         main([str(ckpt), "--format", "dflash", "--out", str(ckpt)])
+
+
+def test_dflash2_exports_carry_its_settings_where_each_engine_reads_them(tmp_path):
+    d2 = replace(DRAFTER, architecture="dflash2", conv_kernel_size=2, conv_group_size=8, selector_rank=4,
+                 selector_top_k=3, output_multiplier=0.5, final_logit_softcapping=30.0)
+    ckpt, model, head, _ = make_run(tmp_path, d2)
+    out = export(ckpt, "dflash", tmp_path / "dflash", dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlash2DraftModel"] and "auto_map" not in config
+    assert config["dflash_config"] == {"mask_token_id": 299, "target_layer_ids": list(LAYERS), "block_size": 4,
+                                       "conv_kernel_size": 2, "conv_group_size": 8, "selector_rank": 4,
+                                       "selector_top_k": 3, "output_multiplier": 0.5, "final_logit_softcapping": 30.0}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no DFlash modeling file
+    tensors = load_file(str(out / "model.safetensors"))
+    assert set(tensors) == drafter_weight_names(d2)
+    assert {"layers.1.mlp_conv.base_kernel", "candidate_selector.successor_codebook"} <= set(tensors)
+    back = load_export(out, head["embed_tokens"], head["lm_head"])
+    assert back.drafter == replace(d2, vocab_size=300, hidden_size=32)
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[name], t), name
+    # vLLM's speculators reader passes only the four settings on: a scaled or capped drafter is refused there.
+    with pytest.raises(ValueError, match="export --format dflash"):
+        export(ckpt, "speculators", tmp_path / "spec")
+    plain, _, _, _ = make_run(tmp_path / "plain", replace(d2, output_multiplier=1.0, final_logit_softcapping=None))
+    config = json.loads((export(plain, "speculators", tmp_path / "spec") / "config.json").read_text())
+    assert (config["speculators_model_type"], config["architectures"]) == ("dflash2", ["DFlash2DraftModel"])
+    assert {k: config[k] for k in ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")} == {
+        "conv_kernel_size": 2, "conv_group_size": 8, "selector_rank": 4, "selector_top_k": 3}
+    assert config["speculators_config"]["algorithm"] == "dflash2"
+    # A reduced vocabulary: neither engine maps DFlash2's candidates through d2t.
+    reduced, _, _, _ = make_run(tmp_path / "reduced", replace(d2, output_multiplier=1.0,
+                                                              final_logit_softcapping=None), draft_ids=DRAFT_IDS)
+    for fmt in ("speculators", "dflash"):
+        with pytest.raises(ValueError, match="reduced draft vocabulary"):
+            export(reduced, fmt, tmp_path / f"reduced-{fmt}")
+        assert not (tmp_path / f"reduced-{fmt}").exists()

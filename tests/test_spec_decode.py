@@ -123,14 +123,19 @@ def test_one_slot_per_position_drafts_as_the_slot_buffer(seed):
     assert (drafts[False] - want).abs().max() > 1e-3, (drafts[False] - want).abs().max()
 
 
-def train_drafter(cache: Path, run_dir: Path, mode: str, steps: int) -> Path:
+# DFlash2 on the tiny targets (hidden 64), trained with D-PACE.
+DFLASH2 = ("drafter.architecture=dflash2", "drafter.conv_group_size=16", "drafter.selector_rank=16",
+           "drafter.selector_top_k=8", "objective.weighting=dpace")
+
+
+def train_drafter(cache: Path, run_dir: Path, mode: str, steps: int, *extra: str) -> Path:
     from train.loop import train
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["setup=tiny", f"data.cache={cache}", f"objective.mode={mode}",
                                           f"optim.max_steps={steps}", "optim.lr=2e-2", "objective.num_anchors=32",
                                           "data.eval_shards=0", "eval_every=0", "save_every=0", "progress=false",
-                                          f"log_every={steps}"])
+                                          f"log_every={steps}", *extra])
     cfg.run_dir = str(run_dir)
     train(OmegaConf.to_object(cfg))
     return run_dir / "checkpoints" / f"step-{steps:08d}"
@@ -140,7 +145,7 @@ def train_drafter(cache: Path, run_dir: Path, mode: str, steps: int) -> Path:
 def trained(request, tmp_path_factory, tiny_targets, demo_shards):
     """A cache of one demo shard (single image, multi-image, multi-turn, text-only) extracted by a tiny target
     (Qwen3-VL; Qwen3.5, whose linear-attention layers keep a recurrent state), and a DFlash and a VP drafter
-    trained on it."""
+    trained on it, then the same two as DFlash2 drafters."""
     tmp = tmp_path_factory.mktemp("spec")
     shard = str(demo_shards[0])
     extract(ExtractConfig(out=str(tmp / "cache"), target=TargetConfig(
@@ -148,7 +153,9 @@ def trained(request, tmp_path_factory, tiny_targets, demo_shards):
         data=InputConfig(shards=shard), generation=GenerationConfig(max_new_tokens=MAX_NEW, batch_size=8),
         progress=False))
     return (tmp / "cache", shard, train_drafter(tmp / "cache", tmp / "dflash", "dflash", 60),
-            train_drafter(tmp / "cache", tmp / "vp", "vp", 20), tiny_targets / request.param)
+            train_drafter(tmp / "cache", tmp / "vp", "vp", 20), tiny_targets / request.param,
+            train_drafter(tmp / "cache", tmp / "dflash2", "dflash", 60, *DFLASH2),
+            train_drafter(tmp / "cache", tmp / "vp2", "vp", 20, *DFLASH2))
 
 
 def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None, keys: set[str]) -> dict:
@@ -164,11 +171,15 @@ def offline_last_turn(cache: Path, ckpt: Path, vp: Path | None, keys: set[str]) 
     return replay_figures(records, drafters[0].drafter.block_size, "d2sd" if vp else "dflash")["last_turn"]
 
 
-@pytest.mark.parametrize("branches", [False, True], ids=["dflash", "d2sd"])
-def test_online_equals_generate_and_the_offline_replay(trained, tiny_targets, tmp_path, branches):
-    """DFlash alone, and D2SD with the barely trained VP drafter first and the DFlash drafter branching from its
-    likely rejections (so branches win and are verified: the path a well-trained pair takes less often)."""
-    cache, shard, ckpt, vp, target = trained
+@pytest.mark.parametrize("arch", ["dflash", "dflash2"])
+@pytest.mark.parametrize("branches", [False, True], ids=["alone", "d2sd"])
+def test_online_equals_generate_and_the_offline_replay(trained, tiny_targets, tmp_path, branches, arch):
+    """DFlash (DFlash2: the selector's path) alone, and D2SD with the barely trained VP drafter first and the other
+    branching from its likely rejections (so branches win and are verified: the path a well-trained pair takes
+    less often)."""
+    cache, shard, ckpt, vp, target, ckpt2, vp2 = trained
+    if arch == "dflash2":
+        ckpt, vp = ckpt2, vp2
     first, branch = (vp, ckpt) if branches else (ckpt, None)
     report = run(str(target), first, shards=shard, vp=branch, out=tmp_path, progress=False)
     rows = report["prompts"]
@@ -208,7 +219,7 @@ def test_text_target_with_random_drafters_is_lossless(tiny_targets, demo_shards)
 
 
 def test_prompts_file_with_an_image_and_a_bare_question(trained, tmp_path):
-    cache, shard, ckpt, vp, target = trained
+    cache, shard, ckpt, vp, target, *_ = trained
     Image.new("RGB", (48, 40), (200, 30, 90)).save(tmp_path / "a.png")
     (tmp_path / "prompts.json").write_text(json.dumps([
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is here?"}]}],
@@ -221,7 +232,7 @@ def test_prompts_file_with_an_image_and_a_bare_question(trained, tmp_path):
 
 
 def test_refusals_name_the_problem(trained, tiny_targets, tmp_path):
-    cache, shard, ckpt, vp, target = trained
+    cache, shard, ckpt, vp, target, *_ = trained
     with pytest.raises(ValueError, match=f"model_type '{target.name}' in its cache, 'qwen3' loaded"):
         run(str(tiny_targets / "qwen3"), ckpt, shards=shard, progress=False)
     with pytest.raises(ValueError, match="exactly one of --shards and --prompts"):

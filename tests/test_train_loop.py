@@ -46,13 +46,24 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a step logged twice keeps its last row
 
 
-@pytest.mark.parametrize("mode, vocab", [("dflash", "null"), ("vp", "null"), ("dflash", "200")])
-def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vocab):
+# DFlash2 with D-PACE on the tiny target (hidden 64): the published convolution, a small selector.
+DFLASH2 = ("drafter.architecture=dflash2", "drafter.conv_group_size=16", "drafter.selector_rank=16",
+           "objective.weighting=dpace")
+
+
+@pytest.mark.parametrize("mode, vocab, extra", [("dflash", "null", ()), ("vp", "null", ()), ("dflash", "200", ()),
+                                                ("dflash", "null", DFLASH2)], ids=["dflash", "vp", "vocab", "dflash2"])
+def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vocab, extra):
     cfg = tiny(cache, tmp_path / "run", f"objective.mode={mode}", f"objective.draft_vocab_size={vocab}",
-               "optim.max_steps=30", "optim.lr=3e-3")
+               "optim.max_steps=30", "optim.lr=3e-3", *extra)
     state = train(cfg)
     assert state.step == 30
     seq = losses(tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    selector_keys = {"selector_loss", "candidate_recall", "acceptance_estimate_unary"}
+    # DFlash2 logs what its selector adds: its loss, the candidate set's recall, the unary path beside the selected.
+    assert all(selector_keys <= set(r) for r in rows if "loss" in r) == bool(extra)
+    assert any("eval/tau_replay_unary" in r for r in rows) == bool(extra)
     assert sorted(seq) == list(range(1, 31)) and all(np.isfinite(list(seq.values())))
     # Measured: the last five steps' mean loss is 0.84-0.88 of the first five's for the three modes (lr 3e-3);
     # 0.95 leaves room for other kernels and still fails a run that does not learn.
@@ -63,13 +74,15 @@ def test_training_learns_on_a_cache_without_its_target(cache, tmp_path, mode, vo
     assert ckpts == ["step-00000024", "step-00000028", "step-00000030"]  # keep_last=3, final included
 
 
-def test_killed_and_resumed_run_reproduces_the_loss_sequence(cache, tmp_path):
+@pytest.mark.parametrize("extra", [(), DFLASH2 + ("objective.selector_warmup=0.2", "objective.selector_ramp=0.3")],
+                         ids=["dflash", "dflash2"])
+def test_killed_and_resumed_run_reproduces_the_loss_sequence(cache, tmp_path, extra):
     """Equal to the digit whatever the machine's core count: both runs pin the same intra-op thread count."""
-    train(tiny(cache, tmp_path / "straight", "threads=1"))
+    train(tiny(cache, tmp_path / "straight", "threads=1", *extra))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={run_dir}",
            "optim.max_steps=12", "log_every=1", "save_every=4", "eval_every=6", "progress=false",
-           "objective.num_anchors=16", "threads=1", f"hydra.run.dir={tmp_path}/hydra"]
+           "objective.num_anchors=16", "threads=1", f"hydra.run.dir={tmp_path}/hydra", *extra]
     kill_once_saved(cmd, run_dir / "checkpoints" / "step-00000004")
     done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").exists())
     assert done and done[-1] < "step-00000012", "the kill must land before the end"
@@ -124,9 +137,16 @@ def test_each_default_is_stated_once():
                                            ("objective.gamma=0", "objective.gamma"),
                                            ("objective.mode=eagle", "objective.mode"),
                                            ("drafter.position_source=axis1", "drafter.position_source"),
-                                           ("data.num_workers=-1", "data.num_workers")])
+                                           ("data.num_workers=-1", "data.num_workers"),
+                                           ("objective.weighting=lambda", "objective.weighting"),
+                                           ("objective.dpace_alpha=1.5", "objective.dpace_alpha"),
+                                           ("objective.normalizer=batch", "objective.normalizer"),
+                                           ("objective.selector_ramp=2", "objective.selector_ramp"),
+                                           ("drafter.architecture=eagle3", "drafter.architecture"),
+                                           ("drafter.architecture=dflash2 drafter.conv_kernel_size=17",
+                                            "drafter.conv_kernel_size")])
 def test_impossible_settings_are_refused_naming_the_key(override, key):
-    cfg = compose_train("setup=tiny", "data.cache=does-not-exist", override)
+    cfg = compose_train("setup=tiny", "data.cache=does-not-exist", *override.split())
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         train(cfg)  # refused before the cache is opened
 

@@ -173,6 +173,12 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     on_skip = counting_skips(skipped)
     convs = source_conversations(shards, prompts, on_skip)
     checkpoint, export_dir = resolve_drafter(drafter)
+    if read_checkpoint(checkpoint).drafter.architecture == "dflash2":
+        raise ValueError(
+            f"{drafter} is a DFlash2 drafter: vLLM serves its convolutions and selector only with its V2 model runner, "
+            "which needs Triton (a GPU build); the CPU build's V1 runner refuses 'DFlash candidate-head drafts', and "
+            "serving it as a DFlash drafter would measure another model. Judge it offline (train.evaluate) and "
+            "online (tools.spec_decode) instead")
     d = prepare(target_path, checkpoint, max_new_tokens=max_new_tokens, dtype=dtype, device=device)
     target, limit, block = d.target, d.limit, d.spec.dflash.block
     items = list(prompt_batches(d.renderer, convs, max_prompts, on_skip))

@@ -2,6 +2,7 @@
 batches, pooled, and tau replayed exactly (train/replay.py) on the first `eval_replay_samples` samples of each
 cache, pooled over all verification cycles and per cache when there are several."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,13 +44,24 @@ def evaluate(model, objective: Objective, sets: list[HeldOut], drafter: DrafterC
             add_sums(sums, objective.loss(model, batch, objective.blocks(batch, step=0))[1])
     row = {f"eval/{k}": v for k, v in step_metrics(sums).items()} if sums else {}
     drafting = GreedyDrafter.of(model, model.lm_head_VH, drafter.block_size, drafter.mask_token_id, draft_ids)
-    records = {s.name: replay_records(s.dataset, s.replayed, drafting) for s in sets if s.replayed}
-    if records:
-        def tau(recs):
-            value = replay_figures(recs, drafting.block)["all"]["tau"]
-            return math.nan if value is None else value
-
-        row["eval/tau_replay"] = tau([r for recs in records.values() for r in recs])
-        if per_cache:
-            row.update({f"eval/tau_replay/{name}": tau(recs) for name, recs in records.items()})
+    row.update(replayed_tau(sets, drafting, "eval/tau_replay", per_cache))
+    if model.selector is not None:  # DFlash2: what the selector adds over each slot's unary argmax
+        row.update(replayed_tau(sets, dataclasses.replace(drafting, use_selector=False), "eval/tau_replay_unary",
+                                per_cache))
     return row
+
+
+def replayed_tau(sets: list[HeldOut], drafting: GreedyDrafter, name: str, per_cache: bool) -> dict:
+    """{name: tau pooled over every cache's replayed cycles (NaN when none), name/CACHE: each cache's if asked}."""
+    records = {s.name: replay_records(s.dataset, s.replayed, drafting) for s in sets if s.replayed}
+    if not records:
+        return {}
+
+    def tau(recs):
+        value = replay_figures(recs, drafting.block)["all"]["tau"]
+        return math.nan if value is None else value
+
+    out = {name: tau([r for recs in records.values() for r in recs])}
+    if per_cache:
+        out.update({f"{name}/{cache}": tau(recs) for cache, recs in records.items()})
+    return out
