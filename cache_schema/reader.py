@@ -69,7 +69,9 @@ class CacheReader:
         expected = self.manifest.shard_shapes(marker["tokens"], marker["samples"])
         recorded = marker.get("chunks")  # since 1.1
         arrays, where = {}, f"shard {shard}"
-        try:  # zarr: KeyError or FileNotFoundError for a missing node, ValueError for an invalid zarr.json
+        # zarr: KeyError or FileNotFoundError for a missing node, ValueError for an invalid zarr.json, TypeError or
+        # AttributeError for one that is valid JSON of the wrong types (a list, a number, attributes that are a list).
+        try:
             # zarr reads a metadata file whole, whatever it is: it must be a small regular one.
             self.loc.check_file(SHARDS_DIR, shard, ZARR_METADATA, limit=JSON_LIMIT)
             group = self.loc.open_shard(shard, mode="r")
@@ -77,7 +79,7 @@ class CacheReader:
                 where = f"shard {shard}, array {name}"
                 self.loc.check_file(SHARDS_DIR, shard, name, ZARR_METADATA, limit=JSON_LIMIT)
                 arrays[name] = group[name]
-        except (KeyError, ValueError, FileNotFoundError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, FileNotFoundError) as e:
             raise CacheCorruptionError(f"{where}: cannot be opened: {type(e).__name__}: {e}") from e
         chunk_files = {}
         for name, shape in expected.items():
@@ -175,8 +177,14 @@ class CacheReader:
         data = self._fetch([(shard, name, span) for (shard, _), span in zip(located, spans) for name in names],
                            into)
         out = []
+        vocab = self.manifest.target.vocab_size
         for j, (shard, local) in enumerate(located):
             arrays = dict(zip(names, data[j * len(names):(j + 1) * len(names)]))
+            ids = arrays["input_ids"]
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):  # verify's rule, cheap: ids index tables
+                bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+                raise CacheCorruptionError(f"shard {shard}, sample {local}: token id {bad} outside the target "
+                                           f"vocabulary [0, {vocab}) (tools.inspect_cache --verify checks the rest)")
             meta = dict(self.metas(shard)[local])
             if hidden_into is None:
                 hidden = codec.decode(*(arrays[name] for name in codec.arrays))

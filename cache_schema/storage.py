@@ -10,6 +10,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import zarr
 
+from cache_schema.disk import writing
 from cache_schema.layout import COMMIT_MARKER, COMPRESSIONS, SHARDS_DIR, CacheCorruptionError, CacheError
 
 # The most bytes any JSON file of a cache may hold; the largest, summary.json, lists one line per shard.
@@ -86,10 +87,16 @@ class Location:
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         """Write to a temporary name, then rename: readers see the old file or the whole new one."""
         final = self.path(*parts)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        with writing("file", self.where(*parts)):
+            try:
+                self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, final)
+            except BaseException:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+                raise
 
     def check_writable(self) -> None:
         """Write and remove a probe file, so a read-only destination is refused before any long work."""

@@ -6,6 +6,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from cache_schema import CacheError
+from cache_schema.stop import STOPPED_EXIT, Stopped
 from extract.config import ExtractConfig  # noqa: F401  (registers the schema)
 from extract.run import run
 from tools.engines import EngineError
@@ -18,6 +19,9 @@ def main(cfg) -> None:
         run(OmegaConf.to_object(cfg))
     except (ValueError, CacheError, EngineError) as e:  # a mistake, a bad cache, an unservable target: one line
         raise SystemExit(f"extract: {e}") from None
+    except Stopped as e:  # preempted: committed shards stay, the same command resumes
+        print(f"extract: {e}", flush=True)
+        raise SystemExit(STOPPED_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cache_schema import Sample
+from extract.formats import SkipSample
 from extract.regenerate import Sequence
 from extract.spans import loss_mask
 from extract.target import Target
@@ -64,6 +65,10 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> tuple[Sample
     with target.capture(layer_ids) as captured, final_states(target) as final:
         target.model(**inputs, use_cache=False, logits_to_keep=1)
     hidden_TLH = torch.stack([captured[i][0] for i in layer_ids], dim=1)
+    finite_L = torch.isfinite(hidden_TLH).all(dim=2).all(dim=0)  # one reduction, one transfer below
+    if not bool(finite_L.all()):
+        bad = [layer_ids[i] for i in (~finite_L).nonzero().flatten().tolist()]
+        raise SkipSample("non_finite_hidden", f"target layers {bad} gave inf or NaN hidden states")
     ids = inputs["input_ids"][0]
     image_ids = target.token_ids(target.traits.chat.expanded)
     n_image = int(sum((ids == v).sum() for v in image_ids)) if image_ids else 0

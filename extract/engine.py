@@ -100,8 +100,10 @@ def window_name(window: list) -> str:
     return f"{window[0].index:08d}-{window[-1].index:08d}.json"
 
 
-def regenerate_shards(cfg, writer: CacheWriter, urls: list[str], rank: int, local_rank: int, cuda: bool) -> None:
-    """Every window of `urls` not yet answered, answered by one engine for them all (started only if needed)."""
+def regenerate_shards(cfg, writer: CacheWriter, urls: list[str], rank: int, local_rank: int, cuda: bool,
+                      stop=lambda url: None) -> None:
+    """Every window of `urls` not yet answered, answered by one engine for them all (started only if needed).
+    `stop(url)` is asked after every window saved and raises to stop there."""
     target = load_processors(cfg.target.path, cfg.target.model_type)
     prompts = Prompts(target, cfg.generation.settings())
     bar = ShardProgress(writer, len(urls), rank, cfg.progress, stage="regenerate")
@@ -129,6 +131,7 @@ def regenerate_shards(cfg, writer: CacheWriter, urls: list[str], rank: int, loca
                     writer.loc.write_bytes_atomic(answers_json(url, worker.info, dialogs), ANSWERS_DIR, name,
                                                   window_name(window))
                     bar.update(len(window), 0, gen_tok_s=f"{engine.generated_tokens / max(engine.seconds, 1e-9):.0f}")
+                    stop(url)
             except IncompleteShard as e:
                 log.warning("%s; regeneration of its readable part is kept, capture retries the shard", e)
             log.info("regenerate %s: %d windows answered now, %d kept from an earlier run", name, asked, kept)

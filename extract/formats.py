@@ -14,9 +14,18 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# An image whose header declares more pixels is skipped before it is decoded: decoding is what costs the memory,
-# and the processors shrink anything above ~16.8M pixels (Qwen3-VL's longest_edge) anyway.
-MAX_IMAGE_PIXELS = 40_000_000
+# An image whose decoding would take more memory than this is skipped before it is decoded (its header says its
+# size and mode): 1 GiB lets scans and posters through (an 8000 x 8000 RGB PNG costs 192 MB) and bounds what one
+# member of a tar can make a process allocate. The processors shrink large images afterwards anyway.
+MAX_IMAGE_BYTES = 1 << 30
+BYTES_PER_BAND = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding an opened (not yet loaded) image costs: its own bands, plus the RGB copy to_rgb makes."""
+    width, height = img.size
+    own = width * height * len(img.getbands()) * BYTES_PER_BAND.get(img.mode, 1)
+    return own + (0 if img.mode == "RGB" else width * height * 3)
 
 
 class SkipSample(Exception):
@@ -84,8 +93,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode one image member; its declared size is checked from the header first."""
+def decode_image(data: bytes, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """Decode one image member; what decoding it would cost is checked from the header first."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -93,8 +102,10 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     except Exception as e:  # PIL raises many types for truncated or garbage bytes
         raise SkipSample("corrupt_image", f"{name}: {e}") from e
     width, height = img.size
-    if width * height > max_pixels:
-        raise SkipSample("image_too_large", f"{name}: {width}x{height} pixels > {max_pixels}")
+    cost = decoded_bytes(img)
+    if cost > max_bytes:
+        raise SkipSample("image_too_large", f"{name}: {width}x{height} {img.mode} would take {cost >> 20} MiB to "
+                                            f"decode, above {max_bytes >> 20} MiB")
     try:
         img.load()
         return to_rgb(img)

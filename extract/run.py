@@ -5,6 +5,7 @@ killed run started again with the same command ends with exactly what an uninter
 shard that does not read to its end is left uncommitted and listed in the summary; the next run retries it.
 """
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -12,10 +13,16 @@ from collections import Counter
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import AutoConfig, AutoTokenizer
 
-from cache_schema import CacheWriter, Manifest, TargetInfo
+from cache_schema import CacheReader, CacheWriter, Manifest, TargetInfo
+from cache_schema.audit import audit
+from cache_schema.disk import writing
+from cache_schema.layout import SHARDS_DIR
+from cache_schema.lock import DirectoryLocked, lock_if_local
+from cache_schema.stop import StopSignals, Stopped
+from cache_schema.storage import Location
 from extract.batching import length_sorted_batches
 from extract.capture import capture
 from extract.engine import answered_dialogs, load_answers, regenerate_shards, remove_answers
@@ -69,21 +76,57 @@ def export_target_files(writer: CacheWriter, target: Target) -> None:
 
 
 def run(cfg: ExtractConfig) -> dict:
-    """Extract every input shard of this rank; the caller's thread count is restored afterwards."""
+    """Extract every input shard of this rank; the caller's thread count is restored afterwards. SIGTERM or SIGINT
+    stops it between batches, raising `Stopped`: what is committed stays, the shard being written is not."""
     cfg.validate()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg)
+        with StopSignals() as stop, contextlib.ExitStack() as hold:
+            return _run(cfg, stop, hold)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: ExtractConfig) -> dict:
+@contextlib.contextmanager
+def hold_out(state: PartialState, out: str):
+    """The main process holds `out`'s lock for the job (its ranks write there together); all learn if it could."""
+    loc, refused = Location(out), None
+    lock = lock_if_local(out, loc.local, "out")
+    if state.is_main_process:
+        try:
+            lock.__enter__()
+        except DirectoryLocked as e:
+            refused = str(e)
+    if state.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise DirectoryLocked(refused)
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            lock.__exit__(None, None, None)
+
+
+def stop_here(stop: StopSignals, writer: CacheWriter, stage: str, url: str | None) -> None:
+    """Raise Stopped if a stop was asked, saying what the same command will do next."""
+    if stop.requested is None:
+        return
+    committed = len(writer.committed())
+    where = (f"{output_shard_name(url)} (from {url}) was not committed and is rebuilt from its start"
+             if url is not None else "nothing was left half-written")
+    raise Stopped(f"stopped by {stop.requested} during {stage}: {committed} shards are committed in {writer.loc.url}; "
+                  f"{where}; the same command resumes there")
+
+
+def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> dict:
     # On a CPU-only machine `accelerate launch --multi_gpu` still starts one process per rank; cpu=True
     # makes accelerate join them over gloo instead of looking for CUDA.
     state = PartialState(cpu=not torch.cuda.is_available())
+    Location(cfg.out).check_writable()
+    hold.enter_context(hold_out(state, cfg.out))
     shards = expand_shards(cfg.data.shards)
     mine = shards_for_rank(shards, state.process_index, state.num_processes)
 
@@ -105,14 +148,16 @@ def _run(cfg: ExtractConfig) -> dict:
             remove_answers(writer, url)
     if todo and cfg.generation.engine != "transformers":
         # The engine first, alone on this rank's devices; the target is loaded once it has finished.
-        regenerate_shards(cfg, writer, todo, state.process_index, state.local_process_index, torch.cuda.is_available())
+        regenerate_shards(cfg, writer, todo, state.process_index, state.local_process_index, torch.cuda.is_available(),
+                          stop=lambda url: stop_here(stop, writer, "regeneration", None))
     if todo or export:
         target = load_target(cfg.target.path, dtype=cfg.target.dtype,
                              device=cfg.target.device or str(state.device), device_map=cfg.target.device_map,
                              attn_implementation=cfg.target.attn_implementation, model_type=cfg.target.model_type)
         if export:
             export_target_files(writer, target)
-        incomplete = extract_shards(cfg, target, writer, layer_ids, todo, state.process_index)
+        incomplete = extract_shards(cfg, target, writer, layer_ids, todo, state.process_index,
+                                    stop=lambda url: stop_here(stop, writer, "capture", url))
     else:
         log.info("rank %d: nothing to do, the target is not loaded", state.process_index)
     state.wait_for_everyone()
@@ -124,8 +169,9 @@ def _run(cfg: ExtractConfig) -> dict:
 
 
 def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, layer_ids: list[int], urls: list[str],
-                   rank: int) -> dict[str, str]:
-    """Each input shard to one committed output shard; returns {input: why} of those not read to their end."""
+                   rank: int, stop=lambda url: None) -> dict[str, str]:
+    """Each input shard to one committed output shard; returns {input: why} of those not read to their end.
+    `stop(url)` is asked after every batch and raises to stop there."""
     totals, incomplete = Counter(), {}
     prompts = Prompts(target, cfg.generation.settings())
     bar = ShardProgress(writer, len(urls), rank, cfg.progress)
@@ -153,19 +199,25 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                         sample, checked = guarded("capture_failed", capture, target, result, layer_ids)
                     except SkipSample as skip:
                         on_skip(result.conv.key, skip)
+                        if skip.reason == "non_finite_hidden":
+                            totals["non_finite"] += 1
+                            check_finite_share(totals)
                         continue
+                    totals["captured"] += 1
                     turns.update(truncated=result.truncated_turns, dropped_after_truncation=result.dropped_turns,
                                  engine_token_ids=result.engine_ids,
                                  retokenization_mismatch=result.retokenized_differs)
                     if checked is not None:
                         count_agreement(turns, checked, result.conv.key)
-                    shard.add(sample)
+                    with writing("output shard", writer.loc.where(SHARDS_DIR, name)):
+                        shard.add(sample)
                     kept += 1
                     totals["captured_tokens"] += len(sample)
                     totals["generated_tokens"] += result.generated_tokens
                 elapsed = time.perf_counter() - start
                 bar.update(kept, sum(skips.values()), gen_tok_s=f"{totals['generated_tokens'] / elapsed:.0f}",
                            cap_tok_s=f"{totals['captured_tokens'] / elapsed:.0f}")
+                stop(url)
         except IncompleteShard as e:
             if cfg.strict:
                 raise ValueError(f"{e} (strict=true stops at the first broken input shard)") from e
@@ -174,7 +226,8 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
             incomplete[url] = f"{e.reason}: {e.detail}"
             bar.shard_done(sum(skips.values()))  # read, if not committed: it counts for the estimate
             continue
-        shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
+        with writing("output shard", writer.loc.where(SHARDS_DIR, name)):
+            shard.commit({"source": url, "skipped": dict(skips), "turns": dict(turns)})
         remove_answers(writer, url)
         bar.shard_done(sum(skips.values()))
     bar.close()
@@ -182,6 +235,18 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
 
 
 ENGINE_COUNTS = ("engine_answered", "engine_disagreements", "engine_disagreement_ties")
+# A target whose states are mostly inf or NaN cannot run in this setting (its dtype, weights or kernels): skipping on
+# would leave a cache of the few samples that happened to stay finite.
+NON_FINITE_STOP = (8, 0.5)  # after at least this many samples, more than this share non-finite
+
+
+def check_finite_share(totals: Counter) -> None:
+    seen, bad = totals["captured"] + totals["non_finite"], totals["non_finite"]
+    least, share = NON_FINITE_STOP
+    if seen >= least and bad > share * seen:
+        raise ValueError(f"{bad} of the {seen} samples captured so far had inf or NaN hidden states: the target "
+                         "cannot run as configured (target.dtype, its weights, the kernels); nothing of the shard "
+                         "being written was committed")
 
 
 def count_agreement(turns: Counter, checked, key: str) -> None:
@@ -197,8 +262,9 @@ def count_agreement(turns: Counter, checked, key: str) -> None:
 
 def write_summary(writer: CacheWriter, url: str, incomplete: dict[str, str], seconds: float) -> dict:
     """summary.json from every committed shard plus this run's incomplete input shards; printed as well."""
+    report = audit(CacheReader(writer.loc.url))  # what the states hold, on a sample: training reads the verdict
     summary = writer.write_summary({"incomplete_input_shards": dict(sorted(incomplete.items())),
-                                    "last_run_seconds": round(seconds, 2)})
+                                    "last_run_seconds": round(seconds, 2), "audit": report})
     shown = ("samples", "tokens", "supervised_tokens", "image_tokens", "shards", "uncommitted_shards",
              "duplicate_keys", "last_run_seconds")
     lines = [f"  {k}: {summary[k]}" for k in shown]
@@ -207,5 +273,6 @@ def write_summary(writer: CacheWriter, url: str, incomplete: dict[str, str], sec
     if summary["duplicate_keys"]:
         lines.append(f"  duplicate key examples: {', '.join(summary['duplicate_key_examples'])}")
     lines += [f"  NOT COMMITTED (re-run to retry) {k}: {v}" for k, v in summary["incomplete_input_shards"].items()]
+    lines.append(f"  audit of {report['samples']} samples' hidden states: {report['verdict']}")
     print(f"extract summary for {url}\n" + "\n".join(lines), flush=True)
     return summary

@@ -19,7 +19,7 @@ from transformers.image_utils import load_image
 
 from cache_schema import CacheReader
 from extract import sources
-from extract.formats import MAX_IMAGE_PIXELS, SkipSample, decode_image, parse_sample, to_rgb
+from extract.formats import MAX_IMAGE_BYTES, SkipSample, decode_image, decoded_bytes, parse_sample, to_rgb
 from extract.run import run
 from helpers import extract_config, tiny
 
@@ -141,12 +141,21 @@ def test_float_and_32_bit_modes_convert_as_the_loaders_do(dtype):
     np.testing.assert_array_equal(np.asarray(to_rgb(img)), np.asarray(load_image(img)))
 
 
-def test_an_image_declaring_too_many_pixels_is_skipped_before_it_is_decoded():
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+def test_an_image_costing_too_much_memory_is_skipped_before_it_is_decoded():
+    side = 10_000  # 100M pixels of one bit: 12 KB on disk, 400 MB decoded to RGB
     buf = io.BytesIO()
-    Image.new("1", (side, side)).save(buf, format="PNG")  # one bit per pixel: small on disk, huge decoded
-    with pytest.raises(SkipSample, match=f"image_too_large: 0.png: {side}x{side}"):
-        decode_image(buf.getvalue(), "0.png")
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    with pytest.raises(SkipSample, match=f"image_too_large: 0.png: {side}x{side} 1 would take 381 MiB"):
+        decode_image(buf.getvalue(), "0.png", max_bytes=256 << 20)
+
+
+def test_a_large_scan_within_the_memory_bound_is_decoded():
+    """An 8000 x 8000 poster (64M pixels, 192 MB decoded) is kept; a pixel count alone refused it before."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 8000), (200, 10, 10)).save(buf, format="PNG")
+    assert decoded_bytes(Image.open(io.BytesIO(buf.getvalue()))) == 8000 * 8000 * 3 <= MAX_IMAGE_BYTES
+    img = decode_image(buf.getvalue(), "poster.png")
+    assert img.size == (8000, 8000) and img.getpixel((4000, 4000)) == (200, 10, 10)
 
 
 def test_members_of_unused_suffixes_are_not_read_and_a_compressed_bomb_stays_small(tmp_path):
@@ -260,3 +269,38 @@ def train_cache(tmp_path_factory, tiny_targets, demo_shards):
     out = tmp_path_factory.mktemp("hostile_train") / "cache"
     run(extract_config(out, demo_shards, tiny_targets / "qwen3_vl"))
     return out
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"messages": ["a string, not a turn"]}, "each of messages must be an object, got str"),
+    ({"conversations": [{"from": "human", "value": "hi"}], "images": {"a": 1}}, "images must be a file name or"),
+    ({"conversations": [{"from": "human", "value": "hi"}], "images": [3]}, "images must be a file name or"),
+    ({"conversations": [{"from": "human", "value": "hi"}], "key": ["x"]}, "key must be a string or a number"),
+])
+def test_a_prompts_file_of_the_wrong_types_is_refused_in_one_line(tmp_path, item, message):
+    from tools.spec_decode import file_conversations
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([item]))
+    with pytest.raises(ValueError, match=f"{path}: sample 0: {message}") as e:
+        list(file_conversations(path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_config_declaring_a_huge_drafter_is_refused_from_the_weights_header(tmp_path):
+    """100000 layers in config.json over weights of 2: refused before anything is allocated (2.4 GB before)."""
+    from test_export import make_run
+    from train.export import export
+
+    ckpt, *_ = make_run(tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["drafter"]["num_layers"] = 100_000
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the config declares 100000 layers, the weights hold 2"):
+        export(ckpt, "speculators", tmp_path / "out")
+    config["drafter"].update(num_layers=2, intermediate_size=10**9)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj.weight: the config declares \[32, 1000000000\], the "
+                                         r"weights hold \[32, 48\]"):
+        export(ckpt, "speculators", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -284,3 +284,30 @@ def test_a_chunk_file_no_chunk_could_be_is_refused_before_it_is_read(cache, tmp_
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"CacheCorruptionError: {chunk}: not a regular file of at most")
+
+
+@pytest.mark.parametrize("node", ["shards/shard-000/zarr.json", "shards/shard-000/input_ids/zarr.json"])
+@pytest.mark.parametrize("content", [[], 5, "x", {"zarr_format": 3, "node_type": "group", "attributes": []}],
+                         ids=["list", "number", "string", "attributes-list"])
+def test_zarr_metadata_of_the_wrong_type_is_refused_in_one_line(cache, node, content):
+    """Valid JSON of the wrong types where zarr expects its metadata object: zarr raises TypeError or
+    AttributeError on those, which the reader turns into the cache's own error naming the shard."""
+    path = os.path.join(cache, node)
+    with open(path, "w") as f:
+        json.dump(content, f)
+    with pytest.raises(CacheCorruptionError, match="shard shard-000.*cannot be opened") as e:
+        verify(cache)
+    one_line(e.value)
+
+
+@pytest.mark.parametrize("value", [300, -1])
+def test_reading_refuses_a_token_id_outside_the_vocabulary_as_verify_does(cache, tmp_path, value):
+    """Training's loader reads through `read_samples`: a token id no embedding row holds (an IndexError deep in
+    training before) is the cache's own one-line error naming shard and sample, found without --verify."""
+    zarr.open_array(str(tmp_path / "cache" / "shards" / "shard-000" / "input_ids"), mode="r+")[160] = value
+    reader = CacheReader(cache)
+    assert len(reader.read_samples([0])[0].input_ids) == 150  # the other samples read as before
+    with pytest.raises(CacheCorruptionError, match=rf"shard shard-000, sample 1: token id {value} outside the "
+                                                   r"target vocabulary \[0, 300\)") as e:
+        reader.read_samples([0, 1])
+    one_line(e.value)

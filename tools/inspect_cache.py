@@ -1,6 +1,12 @@
 """Inspect a dflash-offline cache.
 
-    python -m tools.inspect_cache PATH_OR_URL [--verify] [--sample K] [--plot FILE.png] [--json]
+    python -m tools.inspect_cache PATH_OR_URL [--verify] [--audit [--audit-samples N] [--audit-plot FILE.png]]
+                                  [--recompute N --target PATH] [--sample K] [--plot FILE.png] [--json]
+
+--verify checks the bytes (every chunk's checksum, every value a sample can hold); --audit what the hidden states
+hold (cache_schema/audit.py: per layer RMS, zeros, non-finite values, spread, and the dead, non-finite and outlier
+layers flagged; exit code 3 when any is); --recompute N reruns N cached samples through the target in transformers
+and reports per layer how far the cache is from a fresh forward (tools/recompute.py).
 """
 
 import argparse
@@ -11,6 +17,7 @@ import sys
 import numpy as np
 
 from cache_schema import CacheError, CacheReader, verify
+from cache_schema.audit import audit
 from cache_schema.layout import SHARDS_DIR, TOKENIZER_DIR
 from cache_schema.storage import Location
 
@@ -106,6 +113,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, action="append", default=[], help="print sample K decoded")
     parser.add_argument("--plot", help="write length and supervised-fraction histograms to this PNG")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--audit", action="store_true",
+                        help="per captured layer over a sample: RMS, exact zeros, non-finite values, spread across "
+                             "samples; flags dead, non-finite and outlier layers (exit code 3)")
+    parser.add_argument("--audit-samples", type=int, default=64, help="samples the audit reads (default 64)")
+    parser.add_argument("--audit-plot", help="write the audit's per-layer statistics to this PNG")
+    parser.add_argument("--recompute", type=int, metavar="N",
+                        help="rerun N cached samples through the target (transformers) and report each layer's "
+                             "relative error against the cache")
+    parser.add_argument("--target", help="with --recompute: the target model directory (default: the cache's)")
     args = parser.parse_args(argv)
     try:
         return inspect(args)
@@ -126,17 +142,36 @@ def inspect(args) -> int:
     bad = [k for k in args.sample if not 0 <= k < len(reader)]
     if bad:  # before any output, so that a mistake prints nothing but its one line
         raise ValueError(f"--sample {bad[0]}: the cache holds {len(reader)} samples, numbered from 0")
+    if args.audit_samples < 1 or (args.recompute is not None and args.recompute < 1):
+        raise ValueError("--audit-samples and --recompute take a count >= 1")
     info = summary(reader)
     if args.verify:
         info["verify"] = verify(args.cache, progress=not args.json)
+    if args.audit or args.audit_plot:
+        info["audit"] = audit(reader, args.audit_samples)
+    if args.recompute:
+        from tools.recompute import recompute
+
+        info["recompute"] = recompute(reader, args.recompute, args.target)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         width = max(map(len, info))
         for key, value in info.items():
+            if key in ("audit", "recompute"):
+                continue
             if isinstance(value, float):
                 value = f"{value:.4g}"
             print(f"{key:<{width}}  {value}")
+        if "audit" in info:
+            print("\n" + audit_table(info["audit"]))
+        if "recompute" in info:
+            from tools.recompute import recompute_table
+
+            print("\n" + recompute_table(info["recompute"]))
+    if args.audit_plot:
+        audit_plot(info["audit"], args.audit_plot)
+        print(f"audit plot written to {args.audit_plot}", file=sys.stderr)
     if args.sample:
         tokenizer = load_tokenizer(reader)
         for k in args.sample:
@@ -144,7 +179,41 @@ def inspect(args) -> int:
     if args.plot:
         plot(reader, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
-    return 0
+    flagged = "audit" in info and info["audit"]["flagged"]
+    off = "recompute" in info and info["recompute"]["beyond_tolerance"]
+    return 3 if flagged or off else 0
+
+
+def audit_table(report: dict) -> str:
+    rows = [f"audit of {report['samples']} samples ({report['tokens']} tokens): {report['verdict']}",
+            "| layer | RMS | exact zeros | non-finite | RMS spread across samples | flags |", "|---|---|---|---|---|---|"]
+    rows += [f"| {x['layer']} | {x['rms']:.4g} | {x['zero_share']:.2%} | {x['non_finite']} | "
+             f"{x['sample_rms_spread']:.3f} | {', '.join(x['flags']) or '-'} |" for x in report["layers"]]
+    return "\n".join(rows)
+
+
+def audit_plot(report: dict, path: str) -> None:
+    """Per layer: RMS (log scale), share of exact zeros, non-finite values, spread; flagged layers in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [str(x["layer"]) for x in report["layers"]]
+    colours = ["tab:red" if x["flags"] else "tab:blue" for x in report["layers"]]
+    panels = (("rms", "RMS", True), ("zero_share", "share of exact zeros", False),
+              ("non_finite", "non-finite values", False), ("sample_rms_spread", "RMS spread across samples", False))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    for ax, (key, title, log) in zip(axes, panels):
+        ax.bar(names, [max(x[key], 1e-30) if log else x[key] for x in report["layers"]], color=colours)
+        ax.set(title=title, xlabel="target layer")
+        if log:
+            ax.set_yscale("log")
+    fig.suptitle(f"cache audit ({report['samples']} samples): {report['verdict']}", fontsize=10)
+    fig.tight_layout()
+    with Location(path).fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from extract.regenerate import generate, last_turn_prompt
 from extract.sources import conversations, expand_shards
 from extract.target import Target, config_fingerprint, load_target
 from tools.speculative_decoder import SpeculativeDecoder
-from train.checkpoint import load_drafter, read_checkpoint
+from train.checkpoint import check_weights, load_drafter, read_checkpoint
 from train.config import served_position_source
 from train.replay import GreedyDrafter, acceptance
 
@@ -65,11 +65,17 @@ def file_conversations(path: Path):
         turns = "messages" if "messages" in item else "conversations"
         if isinstance(item.get(turns), list) and item[turns]:
             last = item[turns][-1]
+            if not isinstance(last, dict):
+                raise ValueError(f"{path}: sample {i}: each of {turns} must be an object, got {type(last).__name__}")
             if last.get("role", last.get("from")) in ("user", "human"):  # a bare prompt: the answer is to come
                 item[turns] = [*item[turns], {"role": "assistant", "content": ""} if turns == "messages"
                                else {"from": "gpt", "value": ""}]
         names = item.get("images", [])
         names = [names] if isinstance(names, str) else names
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{path}: sample {i}: images must be a file name or a list of file names")
+        if not isinstance(item.get("key", i), (str, int)) or isinstance(item.get("key"), bool):
+            raise ValueError(f"{path}: sample {i}: key must be a string or a number")
         record = {"__key__": str(item.get("key", i)), "json": json.dumps(item).encode()}
         for name in names:
             file = Path(path).parent / name
@@ -148,8 +154,9 @@ def prepare(target_path: str, drafter: Path, vp: Path | None = None, k: int = 4,
             dtype: str | None = None, device: str | None = None) -> Decoding:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # A run directory stands for its latest checkpoint, as in train.evaluate and train.export.
-    info = read_checkpoint(drafter)
-    vp = read_checkpoint(vp).path if vp is not None else None
+    # Both drafters' files are checked first: loading a real target takes minutes.
+    info = check_weights(read_checkpoint(drafter))
+    vp = check_weights(read_checkpoint(vp)).path if vp is not None else None
     generation = info.manifest.generation
     # The prompts the drafter was trained on: the settings its cache was extracted with.
     settings = GenerationSettings.from_manifest(generation)

@@ -6,6 +6,7 @@ import random
 import numpy as np
 
 from cache_schema import CacheReader
+from cache_schema.audit import recorded_or_fresh, refused_layers
 from cache_schema.layout import HEAD_FILE, TOKENIZER_DIR
 from train.config import CacheSource, served_position_source
 from train.data import CacheDataset, padded_batch, split_shards
@@ -36,6 +37,17 @@ def open_caches(sources: list[CacheSource]) -> list[CacheReader]:
             raise ValueError(f"data.caches[{i}] ({sources[i].url}) cannot be mixed with data.caches[0] "
                              f"({sources[0].url}): they differ in {'; '.join(bad)}")
     return readers
+
+
+def check_audits(sources: list[CacheSource], readers: list[CacheReader], accept: bool) -> None:
+    """Refuse a cache whose hidden states are dead or not finite in some layer (its audit), unless `accept`."""
+    for source, reader in zip(sources, readers):
+        refused = refused_layers(recorded_or_fresh(reader))
+        if refused and not accept:
+            named = "; ".join(f"{k} {' and '.join(v)}" for k, v in refused.items())
+            raise ValueError(f"cache {source.url}: its audit flags target layer(s) {named}: a drafter trained on "
+                             "them learns from nothing there (tools.inspect_cache --audit shows the statistics); "
+                             "re-extract, or set data.accept_flagged_layers=true to train on it anyway")
 
 
 def _value(d: dict, key: str):

@@ -103,6 +103,7 @@ class DataConfig:
     max_length: int = 8192  # longer samples are skipped and counted
     num_workers: int = 8  # bench/train_bench.py: 8 workers feed a 30B-A3B-shaped drafter step 3.3x on an H100
     bucket_size: int = 64  # batches are formed from runs of this many samples sorted by length
+    accept_flagged_layers: bool = False  # train on a cache whose audit found a dead or non-finite layer
 
     def sources(self) -> list[CacheSource]:
         """The caches to train from, each named (data.cache is a mixture of one)."""
@@ -138,6 +139,7 @@ class TrainConfig:
     eval_replay_samples: int = 16  # held-out samples per cache replayed for eval/tau_replay; 0: no replay
     early_stop_patience: int = 0  # stop after this many evaluations without a better eval/tau_replay; 0: never
     save_every: int = 1000
+    nonfinite_patience: int = 20  # stop after this many steps in a row skipped for a non-finite gradient; 0: never
     keep_last: int = 3  # step checkpoints kept; RUN/best (the best by eval/tau_replay) is kept apart
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     attention: str = "auto"  # auto (flex on CUDA, dense elsewhere) | flex | dense
@@ -154,7 +156,7 @@ POSITIVE_KEYS = ("drafter.num_layers", "drafter.num_attention_heads", "drafter.n
                  "objective.loss_chunk_rows", "data.max_tokens_per_batch", "data.max_length", "data.bucket_size",
                  "optim.max_steps", "optim.grad_accum", "log_every", "eval_batches")
 NON_NEGATIVE_KEYS = ("data.num_workers", "data.eval_shards", "optim.warmup_steps", "eval_every", "save_every",
-                     "keep_last", "eval_replay_samples", "early_stop_patience")
+                     "keep_last", "eval_replay_samples", "early_stop_patience", "nonfinite_patience")
 
 
 def _get(cfg, key: str):

@@ -4,6 +4,7 @@ read straight into their tensors and the DataLoader that delivers them."""
 import logging
 import math
 import random
+import signal
 
 import numpy as np
 import torch
@@ -119,7 +120,15 @@ def batch_loader(dataset, batches: list[list[int]], num_workers: int) -> DataLoa
     process with 0 workers) and arrives as is."""
     # Its own generator: the workers' base seed would otherwise be drawn from (and advance) the global RNG.
     return DataLoader(PaddedBatches(dataset), sampler=batches, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(0))
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=_leave_stops_to_the_main_process)
+
+
+def _leave_stops_to_the_main_process(worker_id: int) -> None:
+    """A Ctrl-C reaches the whole process group: the workers ignore it (and SIGTERM), so that the main process can
+    finish its step and save, as cache_schema/stop.py has it; they end with it."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_length: int, bucket: int, seed: int,

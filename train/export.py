@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_schema import CacheError, Manifest
+from cache_schema.disk import writing
 from extract.families import FAMILIES  # train's one import from extract: the family records, which import nothing
-from train.checkpoint import read_checkpoint
+from train.checkpoint import declared_mismatch, read_checkpoint, safetensors_header
 from train.config import DrafterConfig
 from train.export_formats import FORMATS
 
@@ -205,10 +206,8 @@ def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     old = parent / f"{tmp.name}.old"
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name, source in layout.extra_files.items() if d.architecture == "dflash" else ():
-            shutil.copyfile(source, tmp / name)
+        with writing("export", out):
+            _write_export(tmp, tensors, config, layout if d.architecture == "dflash" else None)
         if out.exists():  # an earlier export of this format, and --overwrite (check_out): set aside until replaced
             os.replace(out, old)
         os.replace(tmp, out)
@@ -216,6 +215,14 @@ def export(ckpt_path: Path, fmt: str, out: Path, cache: str | None = None, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _write_export(tmp: Path, tensors: dict, config: dict, layout) -> None:
+    """The export's files into `tmp`; `layout` names the files written beside the weights (None: none)."""
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, source in layout.extra_files.items() if layout is not None else ():
+        shutil.copyfile(source, tmp / name)
 
 
 @dataclass
@@ -250,6 +257,10 @@ def load_export(path: Path, embed_VH: torch.Tensor | None = None,
         rope_theta=layer["rope_parameters"]["rope_theta"], max_position_embeddings=layer["max_position_embeddings"],
         block_size=config["block_size"], mask_token_id=mask_id,
         position_source=meta.get("position_source", "sequential"), **v2)
+    shapes = safetensors_header(path / "model.safetensors")
+    why = declared_mismatch({k: v for k, v in shapes.items() if k not in ("d2t", "t2d", "lm_head.weight")}, drafter)
+    if why:
+        raise ValueError(f"export {path}: config.json and model.safetensors disagree: {why}")
     tensors = load_file(str(path / "model.safetensors"))
     d2t, head = tensors.pop("d2t", None), tensors.pop("lm_head.weight", None)
     tensors.pop("t2d", None)

@@ -14,8 +14,10 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from cache_schema.lock import DirectoryLock, DirectoryLocked
+from cache_schema.stop import StopSignals, Stopped
 from train import checkpoint, schedule
-from train.caches import describe, open_caches, split
+from train.caches import check_audits, describe, open_caches, split
 from train.checkpoint import Snapshot, TrainState
 from train.config import DrafterConfig, TrainConfig, validate
 from train.data import batch_loader
@@ -46,15 +48,45 @@ def make_objective(cfg: TrainConfig, drafter: DrafterConfig, head_VH: torch.Tens
 
 
 def train(cfg: TrainConfig) -> TrainState:
-    """Train (or resume) the run `cfg` describes; the caller's thread count and global RNG are left as they were."""
+    """Train (or resume) the run `cfg` describes; the caller's thread count and global RNG are left as they were.
+    SIGTERM or SIGINT ends it after the current step with a checkpoint there, raising `Stopped`."""
     validate(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg)
+        with StopSignals() as stop, contextlib.ExitStack() as hold:
+            return _train(cfg, stop, hold)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def hold_run_dir(accelerator, run_dir: Path):
+    """The main process holds run_dir's lock for the run; every rank learns whether it could take it."""
+    lock, refused = DirectoryLock(run_dir, "run_dir"), None
+    if accelerator.is_main_process:
+        try:
+            lock.__enter__()
+        except DirectoryLocked as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise DirectoryLocked(refused)
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            lock.__exit__(None, None, None)
+
+
+def stop_agreed(accelerator, stop: StopSignals, device) -> bool:
+    """Whether any rank was asked to stop: every rank answers the same, so all stop after the same step."""
+    asked = torch.tensor(float(stop.requested is not None), device=device)
+    if accelerator.num_processes > 1:
+        asked = accelerator.reduce(asked, "sum")
+    return bool(asked > 0)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -68,7 +100,7 @@ def check_run_dir(run_dir: Path) -> None:
         raise ValueError(f"run_dir={str(run_dir)!r} cannot be written: {e.strerror or e}") from e
 
 
-def _train(cfg: TrainConfig) -> TrainState:
+def _train(cfg: TrainConfig, stop: StopSignals, hold: contextlib.ExitStack) -> TrainState:
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     cuda = torch.cuda.is_available()
@@ -80,10 +112,12 @@ def _train(cfg: TrainConfig) -> TrainState:
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "tensorboard")))
     device, world = accelerator.device, accelerator.num_processes
+    hold.enter_context(hold_run_dir(accelerator, run_dir))  # before anything is written into it
 
     # 1. Caches, compatibility, frozen target tensors, the run's length.
     sources = cfg.data.sources()
     readers = open_caches(sources)
+    check_audits(sources, readers, cfg.data.accept_flagged_layers)
     drafter = resolve_drafter(cfg, readers[0])
     cfg = dataclasses.replace(cfg, drafter=drafter)
     head = readers[0].head_tensors()
@@ -147,7 +181,8 @@ def _train(cfg: TrainConfig) -> TrainState:
     stream = batch_stream(train_set, cfg, state, accelerator.process_index, world)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
-    while state.step < total and not stopped():
+    stopping = False
+    while state.step < total and not stopped() and not stopping:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         micro = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.optim.grad_accum)]
@@ -167,9 +202,17 @@ def _train(cfg: TrainConfig) -> TrainState:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         if torch.isfinite(grad_norm):
             optimizer.step()
+            state.nonfinite_run = 0
         else:  # one bad batch must not poison the weights; the step still counts so resume stays exact
             log.warning("step %d: non-finite gradient norm %s, optimizer step skipped", state.step + 1, grad_norm)
             sums["skipped_steps"] = torch.ones((), dtype=torch.float64)
+            state.nonfinite_run += 1
+            if cfg.nonfinite_patience and state.nonfinite_run >= cfg.nonfinite_patience:
+                raise ValueError(
+                    f"{state.nonfinite_run} optimizer steps in a row (up to step {state.step + 1}) had a non-finite "
+                    "gradient and were skipped: the drafter is not learning. Non-finite hidden states in the cache "
+                    "(tools.inspect_cache --audit) or too high a learning rate are the usual causes; "
+                    "nonfinite_patience=0 goes on regardless")
         scheduler.step()
         state.step += 1
         state.tokens += int(sums["tokens"])
@@ -190,14 +233,18 @@ def _train(cfg: TrainConfig) -> TrainState:
             if not math.isnan(tau):
                 state.evaluations.append([state.step, tau])
                 best = state.best[0] == state.step
-        if state.step < total and not stopped():
+        stopping = stop_agreed(accelerator, stop, device)
+        if state.step < total and not stopped() and not stopping:
             periodic = bool(cfg.save_every) and state.step % cfg.save_every == 0
             if periodic or best:
                 save(step_dir=periodic, best=best)
     bar.close()
-    # The final checkpoint goes through the same path as periodic ones.
+    # The final checkpoint goes through the same path as periodic ones, a stop's too.
     save(step_dir=True, best=state.best is not None and state.best[0] == state.step)
     metrics.close()
+    if stopping and state.step < total:
+        raise Stopped(f"stopped by {stop.requested or 'another rank'} after step {state.step} of {total}; its "
+                      f"checkpoint is saved in {run_dir}/checkpoints; the same command resumes from it")
     if accelerator.is_main_process and state.best:
         print(best_summary(state, run_dir, stopped()), flush=True)
     return state

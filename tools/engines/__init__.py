@@ -91,8 +91,11 @@ class VllmWorker:
         self.log = open(self.log_path, "w")
         script = Path(__file__).with_name("vllm_worker.py")
         # Its own working directory: the engine's spawned workers re-import the script, not our packages.
+        # Its own session: a Ctrl-C or a scheduler's SIGTERM reaches us, who finish the window and close it, and
+        # not the engine mid-window. It ends by itself when our end of its stdin closes.
         self.proc = subprocess.Popen([str(python), str(script), str(path)], cwd=self.tmp.name, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)
         self.info = self._read()["ready"]
 
     def _read(self) -> dict:
@@ -100,8 +103,9 @@ class VllmWorker:
         if not line:
             self.proc.wait()
             self.log.flush()
-            tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"the vLLM worker stopped (exit {self.proc.returncode}):\n{tail}")
+            last = next((line for line in reversed(self.log_path.read_text().splitlines()) if line.strip()), "")
+            raise EngineError(f"the vLLM engine process ended (exit {self.proc.returncode}) before answering; its "
+                              f"last words: {last.strip()[:300] or 'none'}")
         return json.loads(line)
 
     def generate(self, prompts: list[dict]) -> dict:
