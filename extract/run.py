@@ -125,8 +125,6 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
     # On a CPU-only machine `accelerate launch --multi_gpu` still starts one process per rank; cpu=True
     # makes accelerate join them over gloo instead of looking for CUDA.
     state = PartialState(cpu=not torch.cuda.is_available())
-    Location(cfg.out).check_writable()
-    hold.enter_context(hold_out(state, cfg.out))
     shards = expand_shards(cfg.data.shards)
     mine = shards_for_rank(shards, state.process_index, state.num_processes)
 
@@ -134,6 +132,8 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
     config = AutoConfig.from_pretrained(cfg.target.path)
     layer_ids = resolve_layer_ids(cfg, config)
     manifest = make_manifest(cfg, config, AutoTokenizer.from_pretrained(cfg.target.path), layer_ids)
+    Location(cfg.out).check_writable()
+    hold.enter_context(hold_out(state, cfg.out))  # one job per out, before anything is written there
     writer = CacheWriter(cfg.out, manifest)  # refuses a cache of another target or config, and read-only output
     done = writer.committed()
     todo = [u for u in mine if output_shard_name(u) not in done]

@@ -211,7 +211,7 @@ def test_every_target_config_composes_with_the_documented_layer_ids(name):
     assert isinstance(obj, ExtractConfig) and obj.target.path and obj.target.model_type
     layers, deepstack = TARGET_SHAPES[name]
     n = len(obj.target.layer_ids)
-    # DESIGN.md's rule: spread from the first layer after the deepstack ones to L-3, never the last layer.
+    # docs/design.md's rule: spread from the first layer after the deepstack ones to L-3, never the last layer.
     rule = default_layer_ids(layers, n, start=max(1, deepstack))
     if len(set(rule)) == n:
         assert obj.target.layer_ids == rule

@@ -306,3 +306,43 @@ def test_our_images_are_the_pixels_vllms_own_loader_gives(tmp_path):
     for name in names:
         ours = np.asarray(decode_image((tmp_path / name).read_bytes(), name))
         np.testing.assert_array_equal(ours, np.load(tmp_path / f"{name}.npy"), err_msg=name)
+
+
+@pytest.mark.slow  # two engine starts and two target loads more (about 2.5 min): `make test-all`
+def test_the_engine_dying_mid_extraction_is_one_line_and_the_rerun_resumes(learned_runs, tmp_path):
+    """The engine's own process killed (an OOM killer, a crashed kernel) once it has answered some windows: the
+    extraction ends with one line saying so, keeps only whole windows, and the same command completes the cache."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from extract.engine import ANSWERS_DIR, ANSWERS_SCHEMA
+    from helpers import ROOT
+
+    tmp, heldout = learned_runs
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "extract", *engine_extract_args(cache, heldout, 2), "threads=1",
+           f"hydra.run.dir={tmp_path / 'logs'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answers = cache / ANSWERS_DIR
+    deadline = time.monotonic() + 600
+    while len(list(answers.rglob("*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    engine = subprocess.run(["pgrep", "-f", "vllm_worker.py"], capture_output=True, text=True).stdout.split()
+    assert len(engine) == 1, engine
+    import os
+
+    os.kill(int(engine[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("extract: the vLLM engine process ended (exit -9) before answering"), last
+    kept = sorted(answers.rglob("*.json"))
+    assert 2 <= len(kept) < 8
+    for path in kept:
+        ANSWERS_SCHEMA.check(json.loads(path.read_text()), str(path))
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_cache(str(tmp / "heldout"), str(cache))

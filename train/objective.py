@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from train.attention import build_mask
 from train.config import MODES, WEIGHTINGS, ObjectiveConfig, check_choice
 
-# DFlash's decay per block size (seed 002's Qwen3-VL recipe: B=8, gamma 4); other sizes scale 7 * B / 16.
+# DFlash's decay per block size (the published Qwen3-VL-30B-A3B recipe, SpecForge PR #585: B=8, gamma 4); other
+# sizes scale 7 * B / 16.
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
 _M32 = 0xFFFFFFFF
 

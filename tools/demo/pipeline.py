@@ -145,8 +145,8 @@ def main() -> None:
         run(extract("cache-fp8", "train", "storage.hidden_dtype=fp8_e4m3"), extract("cache-heldout", "heldout"))
     else:
         run(extract("cache", "train"), extract("cache-heldout", "heldout"))
-    run(("inspect the cache", [py, "-m", "tools.inspect_cache", cache, "--verify", "--sample", "1", "--plot",
-                               work / "cache_lengths.png"]))
+    run(("inspect the cache", [py, "-m", "tools.inspect_cache", cache, "--verify", "--audit", "--sample", "1",
+                               "--plot", work / "cache_lengths.png", "--audit-plot", work / "cache_audit.png"]))
     # The target is not needed from here on until speculative decoding: training reads the cache alone.
     run(train("dflash", cache), train("vp", cache, "objective=vp"))
     variants = ("dflash-fp8", "dflash-human") if full else ()
@@ -196,6 +196,7 @@ def main() -> None:
         *([("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
            ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
            *serve_rows(served)] if full else []),
+        ("cache audit of the hidden states (cache_audit.png)", summary["audit"]["verdict"]),
         ("cache bytes per token (bf16)", f"{cache_bytes / summary['tokens']:.0f}"),
         ("extraction time (train prompts, bf16, beside another)", f"{timings['extract cache']:.0f} s"),
         ("whole demo", f"{time.perf_counter() - started:.0f} s"),
