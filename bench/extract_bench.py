@@ -36,7 +36,7 @@ from extract.batching import length_sorted_batches  # noqa: E402
 from extract.run import make_manifest  # noqa: E402
 from extract.config import ExtractConfig, GenerationConfig, TargetConfig  # noqa: E402
 from extract.engine import EngineGenerator, engine_config  # noqa: E402
-from tools.engines import VllmWorker, vllm_python  # noqa: E402
+from engines import VllmWorker, vllm_python  # noqa: E402
 from extract.target import Target, load_target  # noqa: E402
 from cache_schema import CacheWriter  # noqa: E402
 from tools.demo import scenes  # noqa: E402

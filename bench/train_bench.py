@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import DrafterConfig, ObjectiveConfig  # noqa: E402
 from train.data import CacheDataset, batch_loader, padded_length, token_budget_batches  # noqa: E402
 from train.model import Drafter  # noqa: E402
-from train.objective import Objective, draft_vocab, step_metrics  # noqa: E402
+from train.metrics import step_metrics  # noqa: E402
+from train.objective import Objective, draft_vocab  # noqa: E402
 
 SMALL = dict(hidden_size=256, num_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
              intermediate_size=768)

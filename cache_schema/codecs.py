@@ -49,6 +49,9 @@ class HiddenCodec:
         return {name: (shape(num_layers, hidden_size), dtype) for name, (shape, dtype) in self.arrays.items()}
 
 
+# Torch dtypes by the names settings use (target.dtype, export --dtype): stated once for both stages.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 CODECS = {
     "bf16": HiddenCodec("bf16", {"hidden": (lambda L, H: (L, H), "uint16")},
                         encode=lambda h: (bf16_to_words(h),), decode=words_to_bf16),

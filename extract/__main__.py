@@ -9,7 +9,7 @@ from cache_schema import CacheError
 from cache_schema.stop import STOPPED_EXIT, Stopped
 from extract.config import ExtractConfig  # noqa: F401  (registers the schema)
 from extract.run import run
-from tools.engines import EngineError
+from engines import EngineError
 
 
 @hydra.main(config_path="../conf", config_name="extract", version_base="1.3")

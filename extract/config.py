@@ -10,7 +10,7 @@ from cache_schema.layout import HIDDEN_DTYPES
 from cache_schema.storage import compressors
 from extract.prompts import GenerationSettings
 
-ENGINES = ("transformers", "vllm")
+GENERATORS = ("transformers", "vllm")  # what regenerates the answers (generation.engine)
 
 
 @dataclass
@@ -25,13 +25,13 @@ class TargetConfig:
     attn_implementation: str = "sdpa"
 
 
-FORMATS = ("auto", "llava", "messages")
+DATA_FORMATS = ("auto", "llava", "messages")
 
 
 @dataclass
 class InputConfig:
     shards: str = MISSING  # brace pattern or comma-separated list of webdataset shards
-    format: str = "auto"  # one of FORMATS
+    format: str = "auto"  # one of DATA_FORMATS
 
 
 @dataclass
@@ -49,8 +49,8 @@ class GenerationConfig(GenerationSettings):
     engine: str = "transformers"
     engine_python: str | None = None  # vLLM's interpreter; None: $DFLASH_VLLM_PYTHON or .venv-vllm
     engine_window: int = 256  # conversations the engine gets at once (each window is saved when answered)
-    # Of each GPU for the engine; on the CPU build, of the machine's memory for its KV cache. None: 0.85 on GPUs,
-    # 0.08 on a CPU.
+    # Of each GPU for the engine; on the CPU build, of the machine's memory for its KV cache. None: engines/vllm.py's
+    # MEMORY_FRACTION.
     engine_memory_fraction: float | None = None
     engine_tensor_parallel: int = 1  # GPUs of one rank's engine
     engine_max_images: int = 8  # images one prompt may hold
@@ -72,13 +72,13 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Refuse a mistaken setting by its key, before anything is loaded or written."""
-        if self.data.format not in FORMATS:
-            raise ValueError(f"data.format={self.data.format!r}; choose from {FORMATS}")
+        if self.data.format not in DATA_FORMATS:
+            raise ValueError(f"data.format={self.data.format!r}; choose from {DATA_FORMATS}")
         if self.storage.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"storage.hidden_dtype={self.storage.hidden_dtype!r}; choose from {HIDDEN_DTYPES}")
         compressors(self.storage.compression)
-        if self.generation.engine not in ENGINES:
-            raise ValueError(f"generation.engine={self.generation.engine!r}; choose from {ENGINES}")
+        if self.generation.engine not in GENERATORS:
+            raise ValueError(f"generation.engine={self.generation.engine!r}; choose from {GENERATORS}")
         if self.generation.engine != "transformers" and not self.generation.regenerate:
             raise ValueError(f"generation.engine={self.generation.engine} regenerates; generation.regenerate=false "
                              "keeps the dataset's answers, so it takes no engine")

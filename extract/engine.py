@@ -31,7 +31,7 @@ from extract.prompts import Prompts, TurnPrompt
 from extract.regenerate import Dialog, regenerate_turns
 from extract.sources import IncompleteShard, conversations, output_shard_name
 from extract.target import Target, load_processors
-from tools.engines import VllmWorker, engine_prompt
+from engines import MEMORY_FRACTION, VllmWorker, engine_prompt
 
 log = logging.getLogger("extract")
 
@@ -80,7 +80,7 @@ def engine_config(cfg, target: Target, cuda: bool) -> dict:
     model = str(local.resolve()) if local.exists() else str(cfg.target.path)  # the worker runs in its own folder
     # Past the model's own position limit the engine refuses to start; there it cuts an answer as `length`.
     limit = AutoConfig.from_pretrained(cfg.target.path).get_text_config().max_position_embeddings
-    fraction = g.engine_memory_fraction or (0.85 if cuda else 0.08)
+    fraction = g.engine_memory_fraction or MEMORY_FRACTION["cuda" if cuda else "cpu"]
     return {"model": model, "dtype": cfg.target.dtype, "max_tokens": g.max_new_tokens,
             "max_model_len": min(g.max_length + g.max_new_tokens, limit), "memory_fraction": fraction,
             "tensor_parallel_size": g.engine_tensor_parallel, "images_per_prompt": g.engine_max_images,

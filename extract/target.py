@@ -20,12 +20,10 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 
+from cache_schema.codecs import DTYPES
 from extract.families import ChatMarkup, Family, family
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def default_layer_ids(num_layers: int, n: int, start: int = 1) -> list[int]:
     """`n` ids spread from `start` to L-3: round(start + k*(L-3-start)/(n-1)), rounding halves up."""

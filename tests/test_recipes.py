@@ -24,7 +24,7 @@ from train.data import epoch_batches
 from train.evaluate import evaluate_checkpoint
 from train.export import export
 from train.loop import train
-from train.metrics import TRACKERS, check_trackers
+from train.config import TRACKERS, check_trackers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER_IDS = list(OmegaConf.load(ROOT / "conf" / "target" / "learned.yaml").layer_ids)
@@ -287,7 +287,7 @@ def test_the_best_checkpoint_by_replayed_tau_is_the_best_of_those_saved_on_the_l
 def test_the_readme_recipes_compose(setup, overrides):
     """The commands of the README's recipe table, as written there."""
     from train.config import validate
-    from train.objective import resolve_gamma
+    from train.config import resolve_gamma
 
     cfg = compose_train(f"setup={setup}", *overrides, *([] if any("data.caches" in o for o in overrides)
                                                           else ["data.cache=x"]))

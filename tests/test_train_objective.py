@@ -9,8 +9,9 @@ from helpers import seeded
 from train.attention import build_mask
 from train.config import DrafterConfig, ObjectiveConfig
 from train.model import Drafter
-from train.objective import (Blocks, Objective, add_sums, block_stats, draft_vocab, make_blocks,
-                             resolve_gamma, sample_anchors, sample_prefix, step_metrics)
+from train.config import resolve_gamma
+from train.metrics import add_sums, step_metrics
+from train.objective import Blocks, Objective, block_stats, draft_vocab, make_blocks, sample_anchors, sample_prefix
 
 V, H, L, BLOCK, MASK = 97, 32, 3, 4, 96
 

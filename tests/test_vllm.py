@@ -1,5 +1,5 @@
 """The serving engine itself: vLLM's CPU build (`make setup-vllm`), run in its own interpreter through
-tools.engines, regenerates exactly what extraction's transformers `generate` does on the prompts extraction
+engines, regenerates exactly what extraction's transformers `generate` does on the prompts extraction
 renders. Equal token for token: both run the tiny target in fp32 on the CPU, and its random logits have no
 near-ties at this size (a tie would show as a first differing position, which the assertion names)."""
 
@@ -13,7 +13,7 @@ from extract.prompts import GenerationSettings, Prompts
 from extract.regenerate import generate, last_turn_prompt
 from extract.target import load_target
 from tools.demo.pipeline import COMMITTED_TARGET
-from tools.engines import run_vllm, vllm_python
+from engines import run_vllm, vllm_python
 from tools.fixtures.tiny_targets import build_target
 from tools.spec_decode import shard_conversations
 
@@ -206,7 +206,7 @@ def test_a_target_the_engine_cannot_run_is_one_error_and_nothing_is_written(tmp_
     from extract.run import run as extract
     from helpers import ROOT
     from tools.demo import scenes
-    from tools.engines import EngineError
+    from engines import EngineError
 
     shards = scenes.write_task_shards(tmp_path / "shards", "heldout", 4)
     cfg = engine_extract_config(ROOT, tmp_path / "cache", ",".join(map(str, shards)), 4, target="learned_qwen35")

@@ -17,7 +17,7 @@ from transformers import Qwen3Config
 
 from helpers import seeded
 from test_export import DRAFTER, LAYERS, make_run
-from tools.engines import vllm_python
+from engines import vllm_python
 from train.export import export, load_export
 from train.replay import GreedyDrafter
 

@@ -34,10 +34,11 @@ from tqdm import tqdm  # noqa: E402
 from cache_schema import CacheError  # noqa: E402
 from extract.prompts import images_in  # noqa: E402
 from extract.regenerate import generate  # noqa: E402
-from tools.engines import ENGINES, RUNNER_POSITIONS, RUNNER_SHARED_SLOTS, engine_prompt  # noqa: E402
+from engines import ENGINES, MEMORY_FRACTION, RUNNER_POSITIONS, RUNNER_SHARED_SLOTS, engine_prompt  # noqa: E402
+from train.replay import shown  # noqa: E402
 from tools.spec_decode import (counting_skips, prepare, prompt_arguments, prompt_batches,  # noqa: E402
                                source_conversations)
-from train.export import DTYPES as EXPORT_DTYPES  # noqa: E402
+from cache_schema.codecs import DTYPES  # noqa: E402
 from train.export import export, is_our_export  # noqa: E402
 from train.export_formats import FORMATS  # noqa: E402
 from train.checkpoint import read_checkpoint  # noqa: E402
@@ -166,7 +167,7 @@ def diagnose(report: dict) -> list[dict]:
 def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
         engine: str = "vllm", engine_python: Path | None = None, max_new_tokens: int | None = None,
         max_prompts: int | None = None, out: Path | None = None, dtype: str | None = None,
-        memory_fraction: float = 0.08, device: str | None = None, progress: bool = True) -> dict:
+        memory_fraction: float | None = None, device: str | None = None, progress: bool = True) -> dict:
     if engine not in ENGINES:
         raise ValueError(f"--engine {engine!r}; choose one of {', '.join(ENGINES)}")
     skipped = Counter()
@@ -187,10 +188,11 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
         if export_dir is None:
             export_dir = export(d.drafter, "speculators", Path(tmp) / "export",
-                            dtype=d.dtype if d.dtype in EXPORT_DTYPES else "bfloat16")
+                            dtype=d.dtype if d.dtype in DTYPES else "bfloat16")
         image_id = target.special_tokens.get("image_token_id")
         shown = [images_in(c.messages[:c.assistant_turns[-1]], c) for c, _ in items]  # each prompt's images
-        request = {"model": target_path, "dtype": d.dtype, "memory_fraction": memory_fraction,
+        fraction = memory_fraction or MEMORY_FRACTION["cuda" if torch.cuda.is_available() else "cpu"]
+        request = {"model": target_path, "dtype": d.dtype, "memory_fraction": fraction,
                    "max_tokens": limit, "stop_token_ids": target.eos_ids,
                    "banned_token_ids": target.suppressed_ids,
                    "max_model_len": max(b["input_ids"].shape[1] for _, b in items) + limit + block + 16,
@@ -252,10 +254,6 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
     return report
 
 
-def _num(x, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def served(report: dict) -> str:
     """What the engine's runner feeds the drafter, in words."""
     slots = ", one slot per position" if report["runner_shared_slots"] else ""
@@ -270,14 +268,14 @@ def table(report: dict) -> str:
              f"{report['runner']} runner: feeds {served(report)}), {n} prompts, block {report['block']}, drafter "
              f"trained with {report['position_source']} positions and {report['hidden_dtype']} states (served: "
              "unrounded)"]
-    per_position = [" ".join(_num(p, ".2f") for p in f["accept_per_position"]) for _, f in cols]
+    per_position = [" ".join(shown(p, ".2f") for p in f["accept_per_position"]) for _, f in cols]
     w = max(22, *(len(x) + 2 for x in per_position))
     lines.append(f"  {'':28}" + "".join(f"{name:>{w}}" for name, _ in cols))
     for label, key, fmt in (("acceptance length 1+acc/drafts", "acceptance_length", ".3f"),
                             ("tau (committed per cycle)", "tau", ".3f"), ("drafts", "drafts", "d"),
                             ("accepted draft tokens", "accepted", "d"),
                             ("tokens/s speculative", "tokens_per_s", ".1f")):
-        lines.append(f"  {label:28}" + "".join(f"{_num(f[key], fmt):>{w}}" for _, f in cols))
+        lines.append(f"  {label:28}" + "".join(f"{shown(f[key], fmt):>{w}}" for _, f in cols))
     lines.append(f"  {'accepted per position':28}" + "".join(f"{x:>{w}}" for x in per_position))
     lines += [f"  engine greedy tokens/s      {report['engine_greedy_tokens_per_s']:.1f}",
               f"  lossless                    engine speculative = its greedy {lossless['engine_vs_its_greedy']}/{n}, "
@@ -306,7 +304,7 @@ def plot(report: dict, path: Path) -> None:
     width = 0.8 / len(sides)
     for j, (label, f) in enumerate(sides):
         ax.bar([x + (j - 1) * width for x in k], [p or 0 for p in f["accept_per_position"]], width,
-               label=f"{label}: {_num(f['acceptance_length'])}")
+               label=f"{label}: {shown(f['acceptance_length'])}")
     ax.set_xlabel("draft position")
     ax.set_ylabel("P(accepted)")
     ax.set_xticks(list(k))
@@ -328,9 +326,10 @@ def main() -> None:
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--out", type=Path, default=Path("serve_check"), help="where serve_check.json and .png go")
     p.add_argument("--dtype", help="the target's dtype on both sides (default: the one extraction used)")
-    p.add_argument("--engine-memory-fraction", type=float, default=0.08,
-                   help="vLLM's gpu_memory_utilization: on a GPU the share of its memory for weights and KV cache "
-                        "(0.8 is usual there), on the CPU build the share of RAM for the KV cache")
+    p.add_argument("--engine-memory-fraction", type=float,
+                   help="vLLM's gpu_memory_utilization: on a GPU the share of its memory for weights and KV cache, on "
+                        f"the CPU build the share of RAM for the KV cache (default: {MEMORY_FRACTION['cuda']} on a GPU, "
+                        f"{MEMORY_FRACTION['cpu']} on a CPU)")
     p.add_argument("--device", help="our side's device (default: cuda if available)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

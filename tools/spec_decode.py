@@ -32,7 +32,7 @@ from extract.target import Target, config_fingerprint, load_target
 from tools.speculative_decoder import SpeculativeDecoder
 from train.checkpoint import check_weights, load_drafter, read_checkpoint
 from train.config import served_position_source
-from train.replay import GreedyDrafter, acceptance
+from train.replay import GreedyDrafter, acceptance, shown
 
 log = logging.getLogger("spec_decode")
 
@@ -234,23 +234,19 @@ def decode_figures(rows: list[dict], block: int) -> dict:
             "generate_tokens_per_s": tokens / ref_s if ref_s else None}
 
 
-def _num(x, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def table(report: dict) -> str:
     lines = [f"speculative decoding of {report['samples']} prompts (one at a time), block "
              f"{len(report['accept_per_slot']) + 1}" + (f", D2SD k={report['k']}" if report["vp"] else ""),
              f"  lossless            {'yes' if report['lossless'] else 'NO'} "
              f"({report['lossless_samples']}/{report['samples']} identical to generate)",
-             f"  tau                 {_num(report['tau'])}  (" + ", ".join(
+             f"  tau                 {shown(report['tau'])}  (" + ", ".join(
                  f"{g} {t:.3f}" for g, t in report["tau_by_group"].items() if t is not None) + ")",
              f"  cycles              {report['cycles']}  (target forwards per cycle "
-             f"{_num(report['target_forwards_per_cycle'], '.2f')})",
-             "  accepted per slot   " + " ".join(_num(p, ".2f") for p in report["accept_per_slot"]),
+             f"{shown(report['target_forwards_per_cycle'], '.2f')})",
+             "  accepted per slot   " + " ".join(shown(p, ".2f") for p in report["accept_per_slot"]),
              "  histogram of a      " + " ".join(map(str, report["accepted_hist"])),
-             f"  tokens/s            speculative {_num(report['spec_tokens_per_s'], '.1f')}, generate "
-             f"{_num(report['generate_tokens_per_s'], '.1f')}"]
+             f"  tokens/s            speculative {shown(report['spec_tokens_per_s'], '.1f')}, generate "
+             f"{shown(report['generate_tokens_per_s'], '.1f')}"]
     if report["skipped"]:
         lines.append("  skipped             " + ", ".join(f"{k} {v}" for k, v in report["skipped"].items()))
     return "\n".join(lines)

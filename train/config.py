@@ -5,6 +5,8 @@ Every default lives here, once; YAML files state only what differs from it.
 
 from dataclasses import dataclass, field
 
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -150,6 +152,35 @@ class TrainConfig:
     tracker_project: str = "dflash-offline"  # project (W&B, trackio), experiment (MLflow), folder (TensorBoard)
 
 
+# DFlash's decay per block size (the published Qwen3-VL-30B-A3B recipe, SpecForge PR #585: B=8, gamma 4); other
+# sizes scale 7 * B / 16.
+GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
+
+
+def resolve_gamma(gamma: float | None, block: int) -> float:
+    """`None` picks the block size's default; `inf` turns the decay off (every scored slot weighs 1)."""
+    if gamma is None:
+        return GAMMA_BY_BLOCK.get(block, 7.0 * block / 16)
+    if not gamma > 0:
+        raise ValueError(f"objective.gamma={gamma} must be > 0 (null: the default for the block size, inf: no "
+                         "decay)")
+    return float(gamma)
+
+
+TRACKERS = tuple(t.value for t in LoggerType if t is not LoggerType.ALL)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse a tracker accelerate does not know or whose package is missing (accelerate would drop it silently)."""
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"log_with: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
+        if name not in installed:
+            raise ValueError(f"log_with: {name!r} is not installed in this environment (installed: "
+                             f"{', '.join(sorted(installed)) or 'none'}); install its package or drop it")
+
+
 # Keys that count something (>= 1) and keys that may be 0 to switch something off (>= 0).
 POSITIVE_KEYS = ("drafter.num_layers", "drafter.num_attention_heads", "drafter.num_key_value_heads",
                  "drafter.head_dim", "drafter.intermediate_size", "objective.num_anchors",
@@ -182,8 +213,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.early_stop_patience and not (cfg.eval_every and cfg.eval_replay_samples):
         raise ValueError(f"early_stop_patience={cfg.early_stop_patience} needs evaluations that replay tau: set "
                          "eval_every and eval_replay_samples above 0")
-    from train.metrics import check_trackers  # accelerate's tracker registry: imported only when validating
-
     check_trackers(cfg.log_with)
     d = cfg.drafter
     if d.block_size < 2:
@@ -197,8 +226,6 @@ def validate(cfg: TrainConfig) -> None:
     check_choice("objective.mode", cfg.objective.mode, MODES)
     validate_objective(cfg.objective)
     validate_architecture(d, vocab_size=d.vocab_size)
-    from train.objective import resolve_gamma  # the objective reads this config: imported here, not at the top
-
     resolve_gamma(cfg.objective.gamma, d.block_size)
     check_choice("attention", cfg.attention, ATTENTION)
 

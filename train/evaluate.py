@@ -24,7 +24,7 @@ from train.caches import target_mismatches  # noqa: E402
 from train.checkpoint import load_drafter, read_checkpoint  # noqa: E402
 from train.config import SERVED_POSITION_SOURCES, check_choice, served_position_source  # noqa: E402
 from train.data import CacheDataset, split_shards  # noqa: E402
-from train.replay import GROUPS, GreedyDrafter, replay_records, replay_figures  # noqa: E402
+from train.replay import GROUPS, GreedyDrafter, replay_figures, replay_records, shown  # noqa: E402
 
 
 def check_cache(path: Path, manifest, reader: CacheReader) -> None:
@@ -131,10 +131,6 @@ def evaluate_checkpoint(ckpt_path: Path, cache: str | None = None, shards: str |
     return result
 
 
-def _fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
 def table(result: dict) -> str:
     block = result["block_size"]
     where = (",".join(result["shards"]) if "shards" in result else
@@ -147,9 +143,9 @@ def table(result: dict) -> str:
         rows = [(group, result[method][group]) for group in GROUPS] if method in result else []
         rows += [(f"cache {c['name']}", c[method]["all"]) for c in result.get("caches", []) if method in c]
         for group, g in rows:
-            slots = " ".join(_fmt(p, ".2f") for p in g["accept_per_slot"])
-            lines.append(f"{method:7} {group:10} {g['samples']:7d} {g['cycles']:7d} {_fmt(g['tau']):>6} "
-                         f"{_fmt(g['tau_per_sample']):>7}  {slots}")
+            slots = " ".join(shown(p, ".2f") for p in g["accept_per_slot"])
+            lines.append(f"{method:7} {group:10} {g['samples']:7d} {g['cycles']:7d} {shown(g['tau']):>6} "
+                         f"{shown(g['tau_per_sample']):>7}  {slots}")
     return "\n".join(lines)
 
 

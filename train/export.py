@@ -21,14 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_schema import CacheError, Manifest
+from cache_schema.codecs import DTYPES
 from cache_schema.disk import writing
 from extract.families import FAMILIES  # train's one import from extract: the family records, which import nothing
 from train.checkpoint import declared_mismatch, read_checkpoint, safetensors_header
 from train.config import DrafterConfig
 from train.export_formats import FORMATS
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def drafter_weight_names(d: DrafterConfig) -> set[str]:
     """The exact tensor names of the drafter's own weights, which every loader maps by name."""

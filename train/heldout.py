@@ -10,7 +10,8 @@ import torch
 
 from train.config import DrafterConfig, TrainConfig
 from train.data import CacheDataset, batch_loader, epoch_batches
-from train.objective import Objective, add_sums, step_metrics
+from train.metrics import add_sums, step_metrics
+from train.objective import Objective
 from train.replay import GreedyDrafter, replay_figures, replay_records
 
 

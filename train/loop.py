@@ -23,9 +23,9 @@ from train.config import DrafterConfig, TrainConfig, validate
 from train.data import batch_loader
 from train.drafter_from_cache import resolve_drafter
 from train.heldout import evaluate, held_out
-from train.metrics import JsonlTracker, MetricLog, start_trackers
+from train.metrics import JsonlTracker, MetricLog, add_sums, start_trackers
 from train.model import Drafter
-from train.objective import Objective, add_sums, draft_vocab
+from train.objective import Objective, draft_vocab
 
 log = logging.getLogger("train")
 

@@ -3,26 +3,36 @@ trackers named in `log_with` (TensorBoard, Weights & Biases, trackio, MLflow, ..
 
 import json
 import logging
+import math
 from pathlib import Path
 
-from accelerate.tracking import GeneralTracker, get_available_trackers
-from accelerate.utils import LoggerType
-
-from train.objective import add_sums, step_metrics
+import torch
+from accelerate.tracking import GeneralTracker
 
 log = logging.getLogger("train")
-TRACKERS = tuple(t.value for t in LoggerType if t is not LoggerType.ALL)
 
 
-def check_trackers(names: list[str]) -> None:
-    """Refuse a tracker accelerate does not know or whose package is missing (accelerate would drop it silently)."""
-    installed = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if name not in TRACKERS:
-            raise ValueError(f"log_with: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
-        if name not in installed:
-            raise ValueError(f"log_with: {name!r} is not installed in this environment (installed: "
-                             f"{', '.join(sorted(installed)) or 'none'}); install its package or drop it")
+def step_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Turn summed statistics into the logged metrics, in one device-to-host transfer."""
+    host = {k: v.tolist() if torch.is_tensor(v) else v for k, v in sums.items()}
+    out = {"loss": host["loss_sum"] / host["weight"] if host["weight"] else math.nan,
+           "acceptance_estimate": host["accepted"] / host["blocks"] if host["blocks"] else math.nan,
+           "supervised_tokens": host["tokens"]}
+    out.update({f"acc_{s}": h / n for s, (h, n) in enumerate(zip(host["slot_hits"], host["slot_scored"])) if n})
+    if "selector_loss_sum" in host:  # DFlash2: what the selector adds over the unary argmax path
+        out.update(selector_loss=host["selector_loss_sum"] / host["weight"] if host["weight"] else math.nan,
+                   acceptance_estimate_unary=host["accepted_unary"] / host["blocks"] if host["blocks"] else math.nan,
+                   candidate_recall=(host["candidate_hits"] / host["candidate_scored"] if host["candidate_scored"]
+                                     else math.nan))
+    if "skipped_steps" in host:
+        out["skipped_steps"] = host["skipped_steps"]
+    return out
+
+
+def add_sums(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        into[k] = into[k] + v if k in into else v
+    return into
 
 
 class JsonlTracker(GeneralTracker):

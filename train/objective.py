@@ -19,11 +19,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from train.attention import build_mask
-from train.config import MODES, WEIGHTINGS, ObjectiveConfig, check_choice
+from train.config import MODES, WEIGHTINGS, ObjectiveConfig, check_choice, resolve_gamma
 
-# DFlash's decay per block size (the published Qwen3-VL-30B-A3B recipe, SpecForge PR #585: B=8, gamma 4); other
-# sizes scale 7 * B / 16.
-GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
 _M32 = 0xFFFFFFFF
 
 
@@ -40,16 +37,6 @@ def uniform(seed: int, step: int, salt: int, rows: torch.Tensor, cols: int) -> t
     h = _mix(base ^ (rows.to(torch.int64) & _M32))[:, None]
     h = _mix(h ^ torch.arange(cols, dtype=torch.int64, device=rows.device))
     return h.double() / 2**32
-
-
-def resolve_gamma(gamma: float | None, block: int) -> float:
-    """`None` picks the block size's default; `inf` turns the decay off (every scored slot weighs 1)."""
-    if gamma is None:
-        return GAMMA_BY_BLOCK.get(block, 7.0 * block / 16)
-    if not gamma > 0:
-        raise ValueError(f"objective.gamma={gamma} must be > 0 (null: the default for the block size, inf: no "
-                         "decay)")
-    return float(gamma)
 
 
 def sample_anchors(loss_mask_BT, lengths_B, sample_ids_B, num_anchors: int, seed: int, step: int):
@@ -215,29 +202,6 @@ def block_stats(correct_BQ, blocks: Blocks, block: int) -> dict[str, torch.Tenso
     kept = blocks.keep_BN
     return {"slot_hits": (correct & scored).sum((0, 1)).double(), "slot_scored": scored.sum((0, 1)).double(),
             "accepted": ((run.clamp_min(0) + 1) * kept).sum().double(), "blocks": kept.sum().double()}
-
-
-def step_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Turn summed statistics into the logged metrics, in one device-to-host transfer."""
-    host = {k: v.tolist() if torch.is_tensor(v) else v for k, v in sums.items()}
-    out = {"loss": host["loss_sum"] / host["weight"] if host["weight"] else math.nan,
-           "acceptance_estimate": host["accepted"] / host["blocks"] if host["blocks"] else math.nan,
-           "supervised_tokens": host["tokens"]}
-    out.update({f"acc_{s}": h / n for s, (h, n) in enumerate(zip(host["slot_hits"], host["slot_scored"])) if n})
-    if "selector_loss_sum" in host:  # DFlash2: what the selector adds over the unary argmax path
-        out.update(selector_loss=host["selector_loss_sum"] / host["weight"] if host["weight"] else math.nan,
-                   acceptance_estimate_unary=host["accepted_unary"] / host["blocks"] if host["blocks"] else math.nan,
-                   candidate_recall=(host["candidate_hits"] / host["candidate_scored"] if host["candidate_scored"]
-                                     else math.nan))
-    if "skipped_steps" in host:
-        out["skipped_steps"] = host["skipped_steps"]
-    return out
-
-
-def add_sums(into: dict, new: dict) -> dict:
-    for k, v in new.items():
-        into[k] = into[k] + v if k in into else v
-    return into
 
 
 def draft_vocab(token_freq_V: torch.Tensor, size: int) -> torch.Tensor:

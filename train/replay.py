@@ -205,6 +205,11 @@ def replay_sample(dflash: GreedyDrafter, sample: dict, vp: GreedyDrafter | None 
 GROUPS = ("all", "images", "text_only", "last_turn", "history")
 
 
+def shown(x, spec: str = ".3f") -> str:
+    """A figure as every table prints it: "-" where there is none."""
+    return "-" if x is None else format(x, spec)
+
+
 def acceptance(accepted: np.ndarray, committed: int, block: int) -> dict:
     """The figures of a set of verification cycles: tau = committed tokens / cycles, P(slot k accepted | cycle)
     for k = 1..B-1 and the histogram of accepted drafts per cycle over 0..B-1. Offline and online alike."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cache_schema import CacheReader
 from tools.demo import learned_target, scenes
-from tools.engines import vllm_python
+from engines import vllm_python
 
 # Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB,
 # so that the demo fits its 15 minutes on a fresh clone; --rebuild-target makes it from the generator instead.

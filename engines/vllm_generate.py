@@ -1,6 +1,6 @@
 """Greedy generation with vLLM, run in vLLM's own interpreter: nothing of this project is imported here.
 
-    .venv-vllm/bin/python tools/engines/vllm_generate.py REQUEST.json RESULT.json
+    .venv-vllm/bin/python engines/vllm_generate.py REQUEST.json RESULT.json
 
 REQUEST: {"model": DIR, "prompts": [{"ids": [token ids], "images": [image files]}, ...], "max_tokens": N,
           "stop_token_ids": [...], "banned_token_ids": [...], "dtype": "float32", "max_model_len": N,

@@ -1,7 +1,7 @@
 """A long-lived vLLM engine answering generation requests, run in vLLM's own interpreter: nothing of this project is
 imported here. Extraction's regeneration keeps one per rank for all of its shards, so the engine starts once.
 
-    .venv-vllm/bin/python tools/engines/vllm_worker.py CONFIG.json
+    .venv-vllm/bin/python engines/vllm_worker.py CONFIG.json
 
 CONFIG:  {"model": DIR, "dtype": ..., "max_model_len": N, "memory_fraction": F, "tensor_parallel_size": N,
           "images_per_prompt": N, "max_tokens": N, "stop_token_ids": [...], "banned_token_ids": [...]}

@@ -1,7 +1,6 @@
-"""Serving engines run in their own interpreter, fed and read back through files or pipes (DESIGN: nothing of a
-serving engine is imported into this project's environment). `run_vllm` (one request file, one result) and
-`VllmWorker` (a long-lived engine answering batches) are our side; `vllm_generate.py` and `vllm_worker.py` the
-engine's."""
+"""vLLM, run by its own interpreter (`make setup-vllm`'s `.venv-vllm`, or $DFLASH_VLLM_PYTHON): `run_vllm` (one
+request file, one result) and `VllmWorker` (a long-lived engine answering batches over its pipes) are our side;
+`vllm_generate.py` and `vllm_worker.py`, beside this file, the engine's."""
 
 import json
 import os
@@ -9,7 +8,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+from engines.protocol import EngineError
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 # How each engine's model runner feeds the drafter on an M-RoPE target, read from vLLM 0.32's source: the V1
 # runner passes axis 0 of the target's M-RoPE ids and also places each context token's keys and values in the slot
@@ -17,24 +18,6 @@ VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "pyth
 # indices, one slot each. On text prompts they agree. (SGLang, when added, feeds token indices.)
 RUNNER_POSITIONS = {("vllm", "v1"): "mrope_axis0", ("vllm", "v2"): "sequential"}
 RUNNER_SHARED_SLOTS = {("vllm", "v1"): True, ("vllm", "v2"): False}
-
-
-class EngineError(RuntimeError):
-    """The engine cannot run the target at all (a kernel's assertion, a dtype its backend lacks): one line, the
-    engine's own words."""
-
-
-def engine_prompt(ids: list[int], images: list, image_token_id: int | None, stem: Path) -> dict:
-    """A rendered prompt as the engine script takes it: each image's run of placeholders collapsed to one (vLLM
-    expands it again with its own processor) and the images written to `folder` as PNG (lossless: the engine
-    reads the pixels extraction saw) as STEM-0.png, STEM-1.png, ..."""
-    kept = [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
-    paths = [f"{stem}-{j}.png" for j in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path, format="PNG")
-    if kept.count(image_token_id) != len(paths):
-        raise ValueError(f"prompt has {kept.count(image_token_id)} image slots but {len(paths)} images")
-    return {"ids": kept, "images": paths}
 
 
 def vllm_python() -> Path | None:
@@ -53,6 +36,9 @@ def checked_python(python: Path | None) -> Path:
 
 
 ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
+# vLLM's gpu_memory_utilization when none is given: of each GPU for weights and KV cache; on the CPU build, the share
+# of the machine's memory for the KV cache (the tiny targets need little, and the machine runs other work).
+MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.08}
 
 
 def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -> dict:
@@ -134,7 +120,3 @@ class VllmWorker:
 
     def __exit__(self, *exc):
         self.close()
-
-
-# Each engine's runner: (request, its interpreter or None for the default) -> result, as vllm_generate.py defines.
-ENGINES = {"vllm": run_vllm}
