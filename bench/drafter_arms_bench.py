@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from bench.position_source_bench import run_pairs  # noqa: E402
 from cache_schema import CacheReader  # noqa: E402
 from tools.demo import scenes  # noqa: E402
 from tools.demo.pipeline import COMMITTED, DRAFTER_LR  # noqa: E402
@@ -34,17 +35,6 @@ ARMS = {
     "dflash2-dpace": ("drafter.architecture=dflash2", "objective.weighting=dpace"),
     "dflash2-decay": ("drafter.architecture=dflash2",),
 }
-
-
-def run_pairs(cmds: list[list[str]], env: dict) -> None:
-    """Two at a time (one core each); stops on the first failure with its output's tail."""
-    for i in range(0, len(cmds), 2):
-        procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for c in cmds[i:i + 2]]
-        for cmd, proc in zip(cmds[i:i + 2], procs):
-            out, _ = proc.communicate()
-            if proc.returncode:
-                raise SystemExit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
 
 
 def parameters(run: Path) -> int:

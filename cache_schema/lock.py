@@ -14,6 +14,7 @@ A stale lock is renamed aside (atomic: of two processes taking it over, one wins
 Object stores (s3://, gs://, memory://) have no exclusive create: writing to one is not locked, and says so.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -147,6 +148,26 @@ class DirectoryLock:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.warning("%s %s: cannot touch its lock: %s", self.what, self.dir, e)
+
+
+@contextlib.contextmanager
+def held_by_main(lock, is_main: bool, share):
+    """`lock` held by a job's main process for all of its ranks: `share(value)` hands every rank the main process's
+    value (a broadcast; the identity for one process), so that all of them learn whether it could be taken."""
+    refused = None
+    if is_main:
+        try:
+            lock.__enter__()
+        except DirectoryLocked as e:
+            refused = str(e)
+    refused = share(refused)
+    if refused:
+        raise DirectoryLocked(refused)
+    try:
+        yield
+    finally:
+        if is_main:
+            lock.__exit__(None, None, None)
 
 
 def lock_if_local(location_url: str, is_local: bool, what: str):

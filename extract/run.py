@@ -20,7 +20,7 @@ from cache_schema import CacheReader, CacheWriter, Manifest, TargetInfo
 from cache_schema.audit import audit
 from cache_schema.disk import writing
 from cache_schema.layout import SHARDS_DIR
-from cache_schema.lock import DirectoryLocked, lock_if_local
+from cache_schema.lock import held_by_main, lock_if_local
 from cache_schema.stop import StopSignals, Stopped
 from cache_schema.storage import Location
 from extract.batching import length_sorted_batches
@@ -89,27 +89,6 @@ def run(cfg: ExtractConfig) -> dict:
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def hold_out(state: PartialState, out: str):
-    """The main process holds `out`'s lock for the job (its ranks write there together); all learn if it could."""
-    loc, refused = Location(out), None
-    lock = lock_if_local(out, loc.local, "out")
-    if state.is_main_process:
-        try:
-            lock.__enter__()
-        except DirectoryLocked as e:
-            refused = str(e)
-    if state.num_processes > 1:
-        refused = broadcast_object_list([refused])[0]
-    if refused:
-        raise DirectoryLocked(refused)
-    try:
-        yield
-    finally:
-        if state.is_main_process:
-            lock.__exit__(None, None, None)
-
-
 def stop_here(stop: StopSignals, writer: CacheWriter, stage: str, url: str | None) -> None:
     """Raise Stopped if a stop was asked, saying what the same command will do next."""
     if stop.requested is None:
@@ -133,7 +112,9 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
     layer_ids = resolve_layer_ids(cfg, config)
     manifest = make_manifest(cfg, config, AutoTokenizer.from_pretrained(cfg.target.path), layer_ids)
     Location(cfg.out).check_writable()
-    hold.enter_context(hold_out(state, cfg.out))  # one job per out, before anything is written there
+    # One job per out (its ranks write there together), taken before anything is written there.
+    hold.enter_context(held_by_main(lock_if_local(cfg.out, Location(cfg.out).local, "out"), state.is_main_process,
+                                    lambda v: broadcast_object_list([v])[0] if state.num_processes > 1 else v))
     writer = CacheWriter(cfg.out, manifest)  # refuses a cache of another target or config, and read-only output
     done = writer.committed()
     todo = [u for u in mine if output_shard_name(u) not in done]

