@@ -3,20 +3,27 @@
     python -m extract.convert json DATA.json[l] IMAGE_DIR OUT_DIR [--samples-per-shard 1000]
     python -m extract.convert hf DATASET_PATH_OR_ID OUT_DIR [--split train] [--image-column images]
 
-`json`: a LLaVA-style JSON list or JSONL file whose records name images (`image`: str or list) relative to
-IMAGE_DIR. `hf`: a Hugging Face `datasets` dataset (saved to disk or loadable by name) with a
-`conversations` or `messages` column and an image column of PIL images. Images are stored under
-`KEY.<i>.<ext>` (files keep their bytes, `datasets` images are encoded in their own format); a record
-whose image file is missing still names it, so `extract` skips it with reason `missing_image` and nothing
-silently disappears.
+`json`: a JSON list or JSONL file of records; `hf`: a Hugging Face `datasets` dataset (saved to disk or loadable
+by name). Either may hold any layout of extract/layouts.py: LLaVA `conversations`, chat `messages` (OpenAI
+`image_url` parts with data URIs or paths, Qwen-VL `{"type": "image", "image": PATH}` parts, LLaMA-Factory `<image>`
+tags with an `images` list) or the_cauldron's `texts` with `images`; paths are relative to IMAGE_DIR, and in `hf` an
+image column (`--image-column`) of PIL images or paths. Images are stored under `KEY.<i>.<ext>` in placeholder order,
+keeping their bytes (PIL images are encoded in their own format); a record whose image file is missing still names
+it, so `extract` skips it with reason `missing_image`. A record that cannot be converted is counted by reason
+(printed at the end) and left out.
 """
 
 import argparse
-import io
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 
 import webdataset as wds
+
+from extract.layouts import Unconvertible, image_member, normalise
+
+log = logging.getLogger("extract.convert")
 
 
 def _records_from_json(path: Path):
@@ -54,42 +61,42 @@ def _safe_key(raw, fallback: int) -> str:
     return key or f"sample{fallback:09d}"
 
 
-def convert_json(data: Path, image_dir: Path, out_dir: Path, per_shard: int = 1000, prefix: str = "train") -> int:
-    sink = ShardSink(out_dir, prefix, per_shard)
-    seen = set()
+def _write(sink: ShardSink, key: str, rec: dict, image_dir: Path | None, skipped: Counter) -> None:
+    try:
+        meta, refs = normalise(rec)
+        members = [image_member(ref, image_dir) for ref in refs]
+    except Unconvertible as e:
+        skipped[e.reason] += 1
+        log.warning("record %s not converted: %s", key, e)
+        return
+    names = [f"{k}.{ext}" for k, (ext, _) in enumerate(members)]
+    sink.write(key, meta, names, {n: data for n, (_, data) in zip(names, members) if data is not None})
+
+
+def convert_json(data: Path, image_dir: Path, out_dir: Path, per_shard: int = 1000, prefix: str = "train") -> Counter:
+    """Every record of a JSON list or JSONL file into shards; {"written": n, reason: records left out, ...}."""
+    sink, seen, skipped = ShardSink(out_dir, prefix, per_shard), set(), Counter()
     for i, rec in _records_from_json(data):
-        key = _safe_key(rec.get("id"), i)
+        key = _safe_key(rec.get("id") if isinstance(rec, dict) else None, i)
         if key in seen:
             key = f"{key}_{i}"
         seen.add(key)
-        listed = rec.get("image", rec.get("images")) or []
-        listed = [listed] if isinstance(listed, str) else list(listed)
-        names, images = [], {}
-        for k, name in enumerate(listed):
-            path = image_dir / name
-            names.append(f"{k}.{path.suffix.lstrip('.').lower() or 'jpg'}")
-            if path.is_file():
-                images[names[-1]] = path.read_bytes()
-        meta = {k: v for k, v in rec.items() if k not in ("image", "images")}
-        sink.write(key, meta, names, images)
-    return sink.close()
+        _write(sink, key, rec, image_dir, skipped)
+    return Counter(written=sink.close()) + skipped
 
 
 def convert_hf(dataset, out_dir: Path, image_column: str = "images", per_shard: int = 1000,
-               prefix: str = "train") -> int:
-    sink = ShardSink(out_dir, prefix, per_shard)
+               prefix: str = "train", image_dir: Path | None = None) -> Counter:
+    """Every row of a `datasets` dataset into shards; its images from `image_column` unless its messages carry
+    them inline."""
+    sink, skipped = ShardSink(out_dir, prefix, per_shard), Counter()
     for i, row in enumerate(dataset):
-        meta = {k: v for k, v in row.items() if k in ("conversations", "messages", "id")}
-        imgs = row.get(image_column) or []
-        imgs = imgs if isinstance(imgs, list) else [imgs]
-        images = {}
-        for k, img in enumerate(imgs):
-            buf = io.BytesIO()
-            fmt = (img.format or "PNG").upper()
-            img.save(buf, format=fmt)
-            images[f"{k}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"] = buf.getvalue()
-        sink.write(_safe_key(row.get("id"), i), meta, list(images), images)
-    return sink.close()
+        rec = {k: v for k, v in row.items() if k in ("conversations", "messages", "texts", "id")}
+        images = row.get(image_column)
+        if images:
+            rec["images"] = images if isinstance(images, list) else [images]
+        _write(sink, _safe_key(row.get("id"), i), rec, image_dir, skipped)
+    return Counter(written=sink.close()) + skipped
 
 
 def main() -> None:
@@ -104,12 +111,13 @@ def main() -> None:
     h.add_argument("out_dir", type=Path)
     h.add_argument("--split", default="train")
     h.add_argument("--image-column", default="images")
+    h.add_argument("--image-dir", type=Path, help="where image paths in the rows are relative to")
     for p in (j, h):
         p.add_argument("--samples-per-shard", type=int, default=1000)
         p.add_argument("--prefix", default="train")
     args = parser.parse_args()
     if args.kind == "json":
-        n = convert_json(args.data, args.image_dir, args.out_dir, args.samples_per_shard, args.prefix)
+        counts = convert_json(args.data, args.image_dir, args.out_dir, args.samples_per_shard, args.prefix)
     else:
         import datasets
 
@@ -117,8 +125,11 @@ def main() -> None:
         ds = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(args.dataset)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[args.split]
-        n = convert_hf(ds, args.out_dir, args.image_column, args.samples_per_shard, args.prefix)
-    print(f"wrote {n} samples to {args.out_dir}")
+        counts = convert_hf(ds, args.out_dir, args.image_column, args.samples_per_shard, args.prefix,
+                            args.image_dir)
+    left = {k: v for k, v in sorted(counts.items()) if k != "written"}
+    print(f"wrote {counts['written']} samples to {args.out_dir}; not converted: "
+          + (", ".join(f"{k} {v}" for k, v in left.items()) or "none"))
 
 
 if __name__ == "__main__":

@@ -183,12 +183,12 @@ def test_converters_json_and_datasets(tmp_path, tiny_targets):
             {"id": "three", "conversations": [{"from": "human", "value": "Text?"}, {"from": "gpt", "value": "Yes."}]},
             {"id": "gone", "image": "nope.png", "conversations": ASK}]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert convert_json(tmp_path / "data.jsonl", images, tmp_path / "wds_json", per_shard=3) == 4
+    assert convert_json(tmp_path / "data.jsonl", images, tmp_path / "wds_json", per_shard=3) == {"written": 4}
     ds = datasets.Dataset.from_list([{"id": "hf1", "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}],
         "images": [Image.open(images / "a.png")]}])
-    assert convert_hf(ds, tmp_path / "wds_hf") == 1
+    assert convert_hf(ds, tmp_path / "wds_hf") == {"written": 1}
     shards = sorted((tmp_path / "wds_json").glob("*.tar")) + sorted((tmp_path / "wds_hf").glob("*.tar"))
     assert len(shards) == 3
     summary = run(config(tmp_path / "cache", shards, tiny_targets / "qwen3_vl"))
