@@ -54,3 +54,19 @@ def test_engine_greedy_output_and_verification_come_first():
     r = report(figures(100, 150), figures(100, 150), figures(100, 100), images=0)
     r["prompts"][0].update(engine_greedy=[1, 3], engine_speculative=[1, 4])
     assert causes(r)[:2] == ["prompts or target differ", "engine verification"]
+
+
+def test_a_dflash2_drafter_is_refused_in_one_line_before_any_engine_starts(tmp_path):
+    """vLLM serves DFlash2 only on its V2 runner (Triton): on the CPU build it would refuse it, or serve it as DFlash.
+    The check says so before loading anything (the target path here does not even exist)."""
+    from dataclasses import replace
+
+    from test_export import DRAFTER, make_run
+    from tools.serve_check import run
+
+    ckpt, *_ = make_run(tmp_path, replace(DRAFTER, architecture="dflash2", conv_group_size=8, selector_rank=4,
+                                          selector_top_k=3))
+    with pytest.raises(ValueError, match="is a DFlash2 drafter: vLLM serves its convolutions and selector only with "
+                                         "its V2 model runner, which needs Triton") as e:
+        run(str(tmp_path / "no-such-target"), ckpt, prompts=tmp_path / "unused.json")
+    assert "\n" not in str(e.value)

@@ -181,7 +181,9 @@ def test_draft_vocab_keeps_the_most_frequent_tokens():
         draft_vocab(torch.as_tensor(freq), 0)
 
 
-def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identical_weights(cache, tmp_path):
+@pytest.mark.parametrize("extra", [(), DFLASH2], ids=["dflash", "dflash2"])
+def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identical_weights(cache, tmp_path, extra):
+    """DFlash2's selector is used outside DDP's forward (by the loss): its gradients are averaged all the same."""
     from safetensors.torch import load_file
 
     from ddp_probe import digest
@@ -191,7 +193,7 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), "setup=tiny", f"data.cache={cache}", f"run_dir={run}",
            "optim.max_steps=3", "eval_every=2", "save_every=2", "progress=false", "objective.num_anchors=16",
-           "data.max_tokens_per_batch=512"]
+           "data.max_tokens_per_batch=512", *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
