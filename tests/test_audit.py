@@ -78,13 +78,18 @@ def test_training_refuses_a_dead_layer_unless_told(tmp_path):
     assert state.step == 2
 
 
-def test_extraction_records_the_audit_and_inspect_shows_and_plots_it(tmp_path, tiny_targets, demo_shards, capsys):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_extraction_records_the_audit_and_inspect_shows_and_plots_it(tmp_path, tiny_targets, demo_shards, capsys,
+                                                                     family):
+    """Every captured layer alive, the hybrid target's (Gated DeltaNet) included: vLLM returned all-zero states for
+    those until #46301, which this audit would flag."""
     out = tmp_path / "cache"
-    extract(extract_config(out, demo_shards, tiny_targets / "qwen3_vl"))
+    extract(extract_config(out, demo_shards, tiny_targets / family))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["audit"]["verdict"] == "ok" and summary["audit"]["samples"] == 16
+    assert summary["audit"]["verdict"] == "ok" and summary["audit"]["samples"] == summary["samples"]
     assert [x["layer"] for x in summary["audit"]["layers"]] == [2, 4, 5]
-    assert "audit of 16 samples' hidden states: ok" in capsys.readouterr().out
+    assert all(x["rms"] > 0 and x["zero_share"] < 0.01 for x in summary["audit"]["layers"])
+    assert f"audit of {summary['samples']} samples' hidden states: ok" in capsys.readouterr().out
     png = tmp_path / "audit.png"
     assert inspect_main([str(out), "--audit", "--audit-plot", str(png)]) == 0
     text = capsys.readouterr().out

@@ -34,6 +34,8 @@ DRAFTER_STEPS = 600
 DRAFTER_LR = 3e-3  # chosen on an earlier target at 150 steps (held-out tau 3.10; 2e-3: 2.71, 1e-3: 2.64), kept
 MAX_NEW_TOKENS = 96
 STEP_WIDTH = 56  # the console's stage column
+# The newer drafter the demo trains beside DFlash: the arm bench/drafter_arms_bench.py measured best (BENCHMARKS.md).
+NEW_ARM = ("dflash2-dpace", ("drafter.architecture=dflash2", "objective.weighting=dpace"))
 
 
 def serve_rows(served: dict | None) -> list[tuple[str, str]]:
@@ -171,12 +173,18 @@ def main() -> None:
     run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",
                              work / "export" / fmt]) for fmt in ("speculators", "dflash")])
     # Where users end: the drafter served by vLLM (its CPU build, when `make setup-vllm` has made it) beside our replay.
-    served = None
-    if full and vllm_python() is not None:
-        run(("the DFlash drafter served by vLLM beside our replay", [
+    served, new_arm = None, NEW_ARM[0]
+    if full:
+        # The newer drafter trains beside the serve check (one core each); the check needs vLLM's venv.
+        runs[new_arm] = work / "runs" / new_arm
+        check = ("the DFlash drafter served by vLLM beside our replay", [
             py, "-m", "tools.serve_check", "--target", model, "--drafter", runs["dflash"],
-            "--shards", spec["heldout"], "--out", work / "serve_check"]))
-        served = json.loads((work / "serve_check" / "serve_check.json").read_text())
+            "--shards", spec["heldout"], "--out", work / "serve_check"])
+        run(train(new_arm, cache, *NEW_ARM[1]), *([check] if vllm_python() is not None else []))
+        if vllm_python() is not None:
+            served = json.loads((work / "serve_check" / "serve_check.json").read_text())
+        run(evaluate(new_arm))
+        variants = (*variants, new_arm)
     evals = {name: json.loads((work / "eval" / name / "eval.json").read_text()) for name in ("dflash", *variants)}
     online = json.loads((online_dir / "spec_decode.json").read_text())
 
@@ -193,7 +201,8 @@ def main() -> None:
         ("tau online (DFlash, held-out)", f"{online['tau']:.3f}"),
         ("lossless (online == target greedy, all prompts)", "yes" if online["lossless"] else "NO"),
         ("tau D2SD offline (DFlash + VP, k=4)", f"{evals['dflash']['d2sd']['last_turn']['tau']:.3f}"),
-        *([("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
+        *([(f"tau offline, {new_arm} drafter (same seed and steps)", versus(new_arm, "DFlash")),
+           ("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
            ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
            *serve_rows(served)] if full else []),
         ("cache audit of the hidden states (cache_audit.png)", summary["audit"]["verdict"]),
