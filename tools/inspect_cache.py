@@ -209,6 +209,8 @@ def audit_plot(report: dict, path: str) -> None:
         ax.set(title=title, xlabel="target layer")
         if log:
             ax.set_yscale("log")
+        else:  # counts and shares start at 0, and an all-zero panel still shows its scale
+            ax.set_ylim(0, max(1.0 if key != "sample_rms_spread" else 0.0, *(x[key] * 1.1 for x in report["layers"])))
     fig.suptitle(f"cache audit ({report['samples']} samples): {report['verdict']}", fontsize=10)
     fig.tight_layout()
     with Location(path).fs.open(path, "wb") as f:
