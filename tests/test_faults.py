@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,42 @@ def test_non_finite_hidden_states_are_a_counted_skip_and_mostly_non_finite_stops
     with pytest.raises(ValueError, match=r"of the \d+ samples captured so far had inf or NaN hidden states"):
         extract(extract_config(tmp_path / "cache", demo_shards, target))
     assert not CacheReader(str(tmp_path / "cache")).shards
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(cache, tmp_path):
+    """Two processes under `accelerate launch`; SIGTERM reaches only rank 1 (a scheduler's signal need not reach
+    all of them at once): both stop after the same step, whose checkpoint is complete, and the rerun resumes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train", "setup=tiny",
+           f"data.cache={cache}", f"run_dir={run_dir}", "optim.max_steps=200", "log_every=1", "save_every=0",
+           "eval_every=0", "progress=false", "objective.num_anchors=16", "drafter.mask_token_id=63",
+           "data.max_tokens_per_batch=256", f"hydra.run.dir={tmp_path}/hydra"]
+    token = f"FAULT_TEST={uuid.uuid4().hex}".encode()  # inherited by the launcher's workers: how we find them
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "FAULT_TEST": token.decode().split("=")[1]})
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, proc)
+        ranks = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = next((e.split(b"=")[1] for e in environ if e.startswith(b"RANK=")), None)
+            if token in environ and rank is not None:
+                ranks[int(rank)] = int(entry.name)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = checkpoint.checkpoints(run_dir)
+    step = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert [p.name for p in saved] == [f"step-{step:08d}"] and step < 200, err[-2000:]
+    assert "stopped by another rank" in out and "stopped by SIGTERM" in out  # rank 0 followed rank 1
+    done = subprocess.run(cmd[:-1] + ["optim.max_steps=" + str(step + 2), f"hydra.run.dir={tmp_path}/hydra2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in checkpoint.checkpoints(run_dir)][-1] == f"step-{step + 2:08d}"
