@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # One process, or one per GPU through accelerate (torchrun underneath; on CPU it joins ranks over gloo).
 LAUNCH = $(if $(filter 1,$(NGPU)),$(PY),$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NGPU))
 
-.PHONY: help setup setup-vllm test test-all demo demo-qwen35 inspect extract train eval export serve-check bench clean
+.PHONY: help setup setup-vllm test test-all demo demo-qwen35 inspect extract train eval export serve-check bench bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -96,6 +96,9 @@ export: setup ## ship a drafter to vLLM/SGLang: make export CKPT=runs/x FORMAT=s
 serve-check: setup setup-vllm ## the drafter served by vLLM beside our replay: make serve-check TARGET=model CKPT=runs/x DATA='shards/heldout-*.tar' [OUT=dir]
 	@test -n "$(TARGET)" -a -n "$(CKPT)" -a -n "$(DATA)" || { echo "usage: make serve-check TARGET=model_dir CKPT=run_checkpoint_or_export DATA='shards/heldout-{000000..000001}.tar' [OUT=dir ARGS='--max-prompts 100']"; exit 2; }
 	$(PY) -m tools.serve_check --target $(TARGET) --drafter $(CKPT) --shards '$(DATA)' $(if $(OUT),--out $(OUT)) $(ARGS)
+
+bench-gpu: setup ## every GPU row of BENCHMARKS.md in one run (about 8 min on one H100): work/gpu-bench/gpu.json, gpu_rows.md
+	$(PY) bench/gpu.py --out $(WORK)/gpu-bench
 
 bench: setup ## run the CPU benchmarks under bench/ (results go in BENCHMARKS.md)
 	$(PY) bench/cache_bench.py

@@ -82,7 +82,8 @@ def no_skip(key, skip):
     raise AssertionError(f"bench conversation {key} skipped: {skip}")
 
 
-def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, device: str) -> None:
+def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, device: str,
+                 engine: bool = True) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in target.model.parameters())
     peak = next((v for k, v in PEAK_BANDWIDTH.items() if device.startswith("cuda") and k in
                  torch.cuda.get_device_name()), None)
@@ -112,7 +113,7 @@ def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, de
         print(f"| {name} | {len(batches)} | {steps} | {tokens} | {dt:.1f} | {tokens / dt:.0f} | "
               f"{1000 * dt / steps:.1f} | {limit} |")
     target.model.generation_config.cache_implementation = None
-    if vllm_python() is not None and Path(target.name_or_path).is_dir():
+    if engine and vllm_python() is not None and Path(target.name_or_path).is_dir():
         answers.update(engine_rows(target, convs, in_order, max_new_tokens, device))
     first, *rest = answers.values()
     differ = ", ".join(f"{name}: {sum(first[k] != got[k] for k in first)}"
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-engine", action="store_true", help="--regeneration without vLLM's rows")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     if args.shape == "tiny":
@@ -179,7 +181,7 @@ def main() -> None:
     if args.regeneration:
         print(f"device {args.device}, target {target.name_or_path}, {len(convs)} conversations, batch "
               f"{args.batch_size}, max_new_tokens {args.max_new_tokens}")
-        return regeneration(target, convs, args.batch_size, args.max_new_tokens, args.device)
+        return regeneration(target, convs, args.batch_size, args.max_new_tokens, args.device, not args.no_engine)
     layers = target.text_config.num_hidden_layers
     layer_ids = list(OmegaConf.load(CONF_TARGETS / f"{args.shape}.yaml").layer_ids)  # what `target=SHAPE` captures
     cfg = ExtractConfig(out=str(work / "cache"), target=TargetConfig(path="bench", dtype="bfloat16"))

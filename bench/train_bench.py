@@ -49,7 +49,11 @@ def step_flops(cfg: DrafterConfig, seq: int, anchors: int, scored_rows: int, voc
                  + 2 * q * 3 * H * inter  # MLP
                  + 2 * 2 * q * h * d * (seq / 2 + cfg.block_size))  # scores and values
     head = 2 * scored_rows * H * vocab
-    return 3 * (fuse + cfg.num_layers * per_layer) + 2 * head
+    extra = 0
+    if cfg.architecture == "dflash2":  # both sublayers' kernel projections; the selector on the scored rows
+        per_layer += 2 * 2 * q * H * 2 * cfg.conv_kernel_size * (H // cfg.conv_group_size)
+        extra = 2 * scored_rows * cfg.selector_rank * (H + 2 * cfg.selector_top_k)
+    return 3 * (fuse + cfg.num_layers * per_layer + extra) + 2 * head
 
 
 def one_config(spec: dict) -> dict:
@@ -59,7 +63,7 @@ def one_config(spec: dict) -> dict:
     layers, T, V = 5, spec["seq"], spec["vocab"]
     dims = {**(QWEN3VL30B if spec["shape"] == "qwen3vl30b" else SMALL)}
     cfg = DrafterConfig(vocab_size=V, target_layer_ids=list(range(layers)), block_size=spec["block"],
-                        mask_token_id=V - 1, **dims)
+                        mask_token_id=V - 1, architecture=spec.get("architecture", "dflash"), **dims)
     H = cfg.hidden_size
     model = Drafter(cfg, (torch.randn(V, H) * 0.02).bfloat16(), (torch.randn(V, H) * 0.02).bfloat16()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
