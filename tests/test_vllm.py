@@ -284,7 +284,8 @@ def test_a_regeneration_killed_mid_shard_resumes_from_its_saved_windows(learned_
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_cache(str(tmp / "heldout"), str(cache))
-    assert "engine_answered: 16" in rerun.stdout and "engine_disagreements: 0" in rerun.stdout
+    turns = json.loads((cache / "summary.json").read_text())["turns"]
+    assert turns["engine_answered"] == 16 and turns["engine_disagreements"] == 0
     assert f"{8 - len(kept)} windows answered now, {len(kept)} kept from an earlier run" in rerun.stdout + rerun.stderr
     assert not answers.exists()
 
