@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +129,25 @@ def main() -> None:
     def run(*jobs):
         run_steps(list(jobs), env, logs, timings)
 
+    def in_background(*jobs) -> threading.Thread:
+        """Jobs run beside the stages that follow (a third process on two cores); `finish` waits for them."""
+        failed = []
+
+        def target():
+            try:
+                run(*jobs)
+            except SystemExit as e:
+                failed.append(e)
+        thread = threading.Thread(target=target, daemon=True)
+        thread.failed = failed
+        thread.start()
+        return thread
+
+    def finish(thread: threading.Thread) -> None:
+        thread.join()
+        if thread.failed:
+            raise thread.failed[0]
+
     def extract(name: str, split: str, *overrides) -> tuple[str, list]:
         return (f"extract {name}", [py, "-m", "extract", f"target={target_conf}", f"target.path={model}",
                                     f"out={work / name}", f"data.shards='{spec[split]}'",
@@ -150,6 +170,9 @@ def main() -> None:
     run(("inspect the cache", [py, "-m", "tools.inspect_cache", cache, "--verify", "--audit", "--sample", "1",
                                "--plot", work / "cache_lengths.png", "--audit-plot", work / "cache_audit.png"]))
     # The target is not needed from here on until speculative decoding: training reads the cache alone.
+    new_arm = NEW_ARM[0]
+    if full:  # the newer drafter's step costs about twice DFlash's on the CPU: it trains beside what follows
+        newer = in_background(train(new_arm, cache, *NEW_ARM[1]))
     run(train("dflash", cache), train("vp", cache, "objective=vp"))
     variants = ("dflash-fp8", "dflash-human") if full else ()
     if full:
@@ -173,16 +196,15 @@ def main() -> None:
     run(*[(f"export {fmt}", [py, "-m", "train.export", runs["dflash"], "--format", fmt, "--out",
                              work / "export" / fmt]) for fmt in ("speculators", "dflash")])
     # Where users end: the drafter served by vLLM (its CPU build, when `make setup-vllm` has made it) beside our replay.
-    served, new_arm = None, NEW_ARM[0]
-    if full:
-        # The newer drafter trains beside the serve check (one core each); the check needs vLLM's venv.
-        runs[new_arm] = work / "runs" / new_arm
-        check = ("the DFlash drafter served by vLLM beside our replay", [
+    served = None
+    if full and vllm_python() is not None:
+        run(("the DFlash drafter served by vLLM beside our replay", [
             py, "-m", "tools.serve_check", "--target", model, "--drafter", runs["dflash"],
-            "--shards", spec["heldout"], "--out", work / "serve_check"])
-        run(train(new_arm, cache, *NEW_ARM[1]), *([check] if vllm_python() is not None else []))
-        if vllm_python() is not None:
-            served = json.loads((work / "serve_check" / "serve_check.json").read_text())
+            "--shards", spec["heldout"], "--out", work / "serve_check"]))
+        served = json.loads((work / "serve_check" / "serve_check.json").read_text())
+    if full:
+        finish(newer)
+        runs[new_arm] = work / "runs" / new_arm
         run(evaluate(new_arm))
         variants = (*variants, new_arm)
     evals = {name: json.loads((work / "eval" / name / "eval.json").read_text()) for name in ("dflash", *variants)}
