@@ -276,14 +276,17 @@ def test_the_best_checkpoint_by_replayed_tau_is_the_best_of_those_saved_on_the_l
     assert json.loads((exported / "config.json").read_text())["dflash_offline"]["source_checkpoint"].endswith("best")
 
 
+PUBLISHED = ["drafter.architecture=dflash", "objective.weighting=decay"]  # the published recipes are DFlash's
+
+
 @pytest.mark.parametrize("setup, overrides", [
-    ("qwen3_8b", ["optim=published", "data.max_length=3072", "data.max_tokens_per_batch=12288"]),
-    ("qwen3vl8b", ["optim=published"]),
-    ("qwen3vl30b", ["optim=published", "optim.epochs=5", "drafter.block_size=8",
+    ("qwen3_8b", [*PUBLISHED, "optim=published", "data.max_length=3072", "data.max_tokens_per_batch=12288"]),
+    ("qwen3vl8b", [*PUBLISHED, "optim=published"]),
+    ("qwen3vl30b", [*PUBLISHED, "optim=published", "optim.epochs=5", "drafter.block_size=8",
                     "data.caches=[{url: cache/gui, weight: 3}, {url: cache/chat, weight: 1}]", "eval_every=500",
                     "eval_replay_samples=200", "early_stop_patience=8"]),
-    ("qwen35_9b", ["optim=published", "drafter.block_size=8"]),
-    ("qwen35_35b", ["optim=published", "data.max_length=4096"])])
+    ("qwen35_9b", [*PUBLISHED, "optim=published", "drafter.block_size=8"]),
+    ("qwen35_35b", [*PUBLISHED, "optim=published", "data.max_length=4096"])])
 def test_the_readme_recipes_compose(setup, overrides):
     """The commands of the README's recipe table, as written there."""
     from train.config import validate
@@ -295,6 +298,7 @@ def test_the_readme_recipes_compose(setup, overrides):
     assert (cfg.optim.epochs, cfg.optim.warmup_ratio, cfg.optim.lr) == (5 if setup == "qwen3vl30b" else 6, 0.04, 6e-4)
     assert resolve_gamma(cfg.objective.gamma, cfg.drafter.block_size) == {16: 7, 8: 4}[cfg.drafter.block_size]
     assert cfg.objective.num_anchors == 512 and cfg.drafter.num_layers == 5
+    assert (cfg.drafter.architecture, cfg.objective.weighting) == ("dflash", "decay")  # what was published
     if setup == "qwen3vl30b":
         assert [(c.url, c.weight, c.name) for c in cfg.data.sources()] == [("cache/gui", 3, "gui"),
                                                                            ("cache/chat", 1, "chat")]

@@ -117,6 +117,10 @@ def test_every_named_setup_composes_and_leaves_the_target_dimensions_to_the_cach
     assert d.hidden_size is None and d.vocab_size is None and d.target_layer_ids is None
     assert d.mask_token_id is None  # resolved once, from the cache's tokenizer
     assert d.position_source == "sequential" and d.partial_rotary_factor == 1.0  # what serving engines feed
+    # Real targets' setups train DFlash2 with D-PACE (measured best, BENCHMARKS.md); the demo's stays DFlash, which
+    # vLLM's CPU build serves.
+    assert (d.architecture, cfg.objective.weighting) == (("dflash", "decay") if name == "tiny" else
+                                                         ("dflash2", "dpace"))
     assert (ROOT / "conf" / "target" / f"{name}.yaml").exists()  # a setup trains on its target's cache
 
 
