@@ -198,7 +198,8 @@ def test_selector_loss_is_strict_top_k_and_reports_recall():
         hits += 1
         scores = top + (sel.predecessor_codebook[prev] * sel.hidden_projection(h[0, q]) *
                         sel.successor_codebook[cand]).sum(-1)
-        want += w * float(torch.nn.functional.cross_entropy(scores[None], torch.tensor([cand.tolist().index(gold)])))
+        want += w * float(torch.nn.functional.cross_entropy(scores[None].detach(),
+                                                            torch.tensor([cand.tolist().index(gold)])))
     assert 0 < hits < scored_n  # some gold tokens fall outside the set: the test sees the rule
     assert float(stats["selector_loss_sum"]) == pytest.approx(want, rel=1e-9)
     assert float(stats["candidate_hits"]) == hits and float(stats["candidate_scored"]) == scored_n
