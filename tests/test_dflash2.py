@@ -203,7 +203,7 @@ def test_selector_loss_is_strict_top_k_and_reports_recall():
     assert 0 < hits < scored_n  # some gold tokens fall outside the set: the test sees the rule
     assert float(stats["selector_loss_sum"]) == pytest.approx(want, rel=1e-9)
     assert float(stats["candidate_hits"]) == hits and float(stats["candidate_scored"]) == scored_n
-    assert float(total) == pytest.approx(float(stats["loss_sum"]) + want, rel=1e-9)
+    assert float(total.detach()) == pytest.approx(float(stats["loss_sum"]) + want, rel=1e-9)
 
 
 def test_selector_weight_schedule_and_stop_gradient():
