@@ -111,9 +111,10 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
     config = AutoConfig.from_pretrained(cfg.target.path)
     layer_ids = resolve_layer_ids(cfg, config)
     manifest = make_manifest(cfg, config, AutoTokenizer.from_pretrained(cfg.target.path), layer_ids)
-    Location(cfg.out).check_writable()
+    out = Location(cfg.out)
+    out.check_writable()
     # One job per out (its ranks write there together), taken before anything is written there.
-    hold.enter_context(held_by_main(lock_if_local(cfg.out, Location(cfg.out).local, "out"), state.is_main_process,
+    hold.enter_context(held_by_main(lock_if_local(cfg.out, out.local, "out"), state.is_main_process,
                                     lambda v: broadcast_object_list([v])[0] if state.num_processes > 1 else v))
     writer = CacheWriter(cfg.out, manifest)  # refuses a cache of another target or config, and read-only output
     done = writer.committed()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from train.attention import build_mask
-from train.objective import chunked_ce, make_blocks, sample_anchors, sample_prefix
+from train.objective import chunked_logits, make_blocks, sample_anchors, sample_prefix
 from test_train_objective import BLOCK, MASK, drafter, make_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -24,7 +24,7 @@ def test_compiled_flex_equals_dense_forward_and_backward():
         m = build_mask(anchors, lens, ids.shape[1], BLOCK, backend)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             h = model(hidden.float(), pos, blocks.ids_BQ, blocks.pos_BQ, m, backend)
-            ce, _ = chunked_ce(h, model.lm_head_VH, blocks.labels_BQ, blocks.weights_BQ > 0, 64)
+            ce = chunked_logits(h, model.lm_head_VH, blocks.labels_BQ, blocks.weights_BQ > 0, 64).ce_BQ
             loss = (ce * blocks.weights_BQ).sum()
         loss.backward()
         results[backend] = (h.detach(), loss.detach(), [p.grad for p in model.parameters()])

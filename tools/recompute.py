@@ -27,7 +27,8 @@ HALF_PRECISION_EXTRA = 0.02
 def _conversation(source: str, key: str):
     from extract.sources import conversations
 
-    if not source or not Path(source.split("::")[0]).exists() and "://" not in source:
+    local = "://" not in source and not source.startswith("pipe:")
+    if not source or (local and not Path(source).exists()):
         return None
     try:
         return next((c for c in conversations(source, "auto", lambda k, skip: None) if c.key == key), None)

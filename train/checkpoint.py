@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import struct
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -190,16 +191,13 @@ def safetensors_damage(path: Path) -> str | None:
 def declared_mismatch(shapes: dict[str, list[int]], d) -> str | None:
     """Where a config's drafter and the weights file's tensors disagree, found from the header alone: the model
     is built only after this, so a config declaring a huge model allocates nothing."""
-    import dataclasses
-    import re
-
     from train.model import Drafter
 
     layers = {int(k.split(".")[1]) for k in shapes if re.match(r"layers\.\d+\.", k)}
     if layers != set(range(d.num_layers)):
         return f"the config declares {d.num_layers} layers, the weights hold {len(layers)}"
     with torch.device("meta"):  # shapes only
-        template = {k: list(v.shape) for k, v in Drafter(dataclasses.replace(d, num_layers=1), None, None)
+        template = {k: list(v.shape) for k, v in Drafter(replace(d, num_layers=1), None, None)
                     .state_dict().items()}
     want = {k: v for k, v in template.items() if not k.startswith("layers.")}
     want.update({f"layers.{i}.{k[len('layers.0.'):]}": v for i in range(d.num_layers) for k, v in template.items()

@@ -174,12 +174,6 @@ def chunked_logits(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows: int, shape=
     return SlotLogits(ce.view_as(labels_BQ), correct.view_as(labels_BQ), rows, *top)
 
 
-def chunked_ce(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows: int):
-    """Cross-entropy of every scored slot (0 elsewhere, with its graph) and whether its argmax is right."""
-    out = chunked_logits(h_BQH, head_VH, labels_BQ, scored_BQ, chunk_rows)
-    return out.ce_BQ, out.correct_BQ
-
-
 def dpace_weights(ce_BNK: torch.Tensor, scored_BNK: torch.Tensor, alpha: float) -> torch.Tensor:
     """D-PACE slot weights (arXiv 2605.18810) from the drafter's own per-slot cross-entropy, which the caller
     detaches: q_k = exp(-CE_k) smoothed to (1 - alpha) q_k + alpha, P_k = prod_{i<=k} q_i with every unscored slot
@@ -299,11 +293,10 @@ class Objective:
         h = model(batch["hidden"], batch["positions"], blocks.ids_BQ, blocks.pos_BQ, mask, self.backend)
         selector = core.selector
         top_k = selector.top_k if selector is not None else 0
-        slots = chunked_logits(h, self.head_VH, blocks.labels_BQ, blocks.weights_BQ > 0, self.chunk_rows,
-                               core.shape_logits, top_k)
+        scored = blocks.weights_BQ > 0
+        slots = chunked_logits(h, self.head_VH, blocks.labels_BQ, scored, self.chunk_rows, core.shape_logits, top_k)
         weights = self.slot_weights(slots.ce_BQ.detach(), blocks)
         loss_sum = (weights * slots.ce_BQ).sum()
-        scored = blocks.weights_BQ > 0
         stats = {"loss_sum": loss_sum.detach().double(),
                  "weight": (weights.sum() if self.cfg.normalizer == "weight" else scored.sum()).double(),
                  "tokens": batch["loss_mask"].sum().double()}
