@@ -49,11 +49,19 @@ def check_layer_ids(ids: list[int], num_layers: int, deepstack: int) -> None:
                       "in visual features; ids from 3 up are the usual choice for Qwen3-VL", stacklevel=2)
 
 
+# What a config says of how it was saved or loaded rather than of the model: a target loaded in bf16 from fp32 files
+# is the same target (its sub-configs, text and vision, carry their own dtype).
+NOT_THE_MODEL = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
 def config_fingerprint(config) -> str:
-    data = config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
-        data.pop(k, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def model_only(data):
+        if isinstance(data, dict):
+            return {k: model_only(v) for k, v in data.items() if k not in NOT_THE_MODEL}
+        return data
+
+    data = json.dumps(model_only(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -9,7 +9,7 @@ from cache_schema.codecs import bf16_to_words
 from extract.capture import capture
 from extract.formats import parse_sample
 from extract.prompts import TurnPrompt
-from extract.target import check_layer_ids, default_layer_ids, load_target
+from extract.target import check_layer_ids, config_fingerprint, default_layer_ids, load_target
 from helpers import prompts_of, sequences
 from tools.fixtures.tiny_targets import FAMILIES
 
@@ -39,6 +39,17 @@ def test_deepstack_layer_ids_warn():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_target_loaded_in_another_dtype_has_the_same_fingerprint_and_another_model_does_not(family, tiny_targets):
+    """A cache extracted in bf16 from fp32 files is checked against the same files loaded in bf16 again (the vision
+    families' sub-configs carry their own dtype, which is not the model's)."""
+    prints = {dtype: config_fingerprint(load_target(str(tiny_targets / family), dtype=dtype, device="cpu").model.config)
+              for dtype in ("float32", "bfloat16")}
+    assert prints["float32"] == prints["bfloat16"]
+    other = load_target(str(tiny_targets / family), dtype="float32", device="cpu").model.config
+    other.get_text_config().rms_norm_eps *= 2
+    assert config_fingerprint(other) != prints["float32"]
+
+
 def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targets, convs):
     target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
     layer_ids = [i for i in [0, 2, 3, 6] if i >= target.traits.deepstack_layers(target.model.config)]
