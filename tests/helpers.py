@@ -79,6 +79,20 @@ def counting_cache(root: Path, stride: int = 1, vocab_json: str = '{"a": 0, "b":
     return url
 
 
+def accelerate_launch(processes: int = 2) -> list[str]:
+    """The command line that starts `processes` ranks on this machine under `accelerate launch`, on a free port
+    (the default one would be shared by tests running side by side)."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend",
+            "no"]
+
+
 def extract_config(out, shards, target_dir, **kw):
     """A small CPU extraction of `shards` with a tiny target (keyword arguments: ExtractConfig fields)."""
     from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig

@@ -24,6 +24,7 @@ from extract.formats import Conversation
 from extract.batching import length_sorted_batches, text_length
 from extract.run import run
 from extract.target import check_layer_ids, default_layer_ids
+from helpers import accelerate_launch
 from helpers import extract_config as config
 from tools.fixtures.demo_shards import write_shards
 
@@ -81,8 +82,7 @@ def test_accelerate_two_processes_equal_one(tmp_path, tiny_targets, four_shards)
     finally:
         torch.set_num_threads(threads)
     two = tmp_path / "two" / "cache"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "extract"]
+    cmd = [*accelerate_launch(), "-m", "extract"]
     result = subprocess.run(cmd + extract_cli(two, four_shards, target, "threads=1")[3:], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

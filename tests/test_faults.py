@@ -20,7 +20,7 @@ from cache_schema import CacheReader
 from cache_schema.lock import LOCK_FILE, DirectoryLock, DirectoryLocked
 from cache_schema.stop import STOPPED_EXIT
 from extract.run import run as extract
-from helpers import ROOT, counting_cache, extract_config, tiny
+from helpers import ROOT, accelerate_launch, counting_cache, extract_config, tiny
 from test_extract_run import cache_contents, extract_cli
 from tools.fixtures.demo_shards import write_shards
 from train import checkpoint
@@ -250,8 +250,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(cache, tmp_pa
     """Two processes under `accelerate launch`; SIGTERM reaches only rank 1 (a scheduler's signal need not reach
     all of them at once): both stop after the same step, whose checkpoint is complete, and the rerun resumes."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train", "setup=tiny",
+    cmd = [*accelerate_launch(), "-m", "train", "setup=tiny",
            f"data.cache={cache}", f"run_dir={run_dir}", "optim.max_steps=200", "log_every=1", "save_every=0",
            "eval_every=0", "progress=false", "objective.num_anchors=16", "drafter.mask_token_id=63",
            "data.max_tokens_per_batch=256", f"hydra.run.dir={tmp_path}/hydra"]

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from extract.config import ExtractConfig, GenerationConfig, InputConfig, TargetConfig
 from extract.run import run as extract
-from helpers import compose_train, kill_once_saved, tiny
+from helpers import accelerate_launch, compose_train, kill_once_saved, tiny
 from tools.plot_run import plot as plot_run
 from train.config import validate
 from train.objective import draft_vocab
@@ -193,10 +193,8 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
     from ddp_probe import digest
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), "setup=tiny", f"data.cache={cache}", f"run_dir={run}",
-           "optim.max_steps=3", "eval_every=2", "save_every=2", "progress=false", "objective.num_anchors=16",
+    cmd = [*accelerate_launch(), str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), "setup=tiny",
+           f"data.cache={cache}", f"run_dir={run}", "optim.max_steps=3", "eval_every=2", "save_every=2", "progress=false", "objective.num_anchors=16",
            "data.max_tokens_per_batch=512", *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
