@@ -4,7 +4,8 @@
 
 REQUEST: {"model": DIR, "prompts": [{"ids": [token ids], "images": [image files]}, ...], "max_tokens": N,
           "stop_token_ids": [...], "banned_token_ids": [...], "dtype": "float32", "max_model_len": N,
-          "memory_fraction": 0.08, "runs": [{"name": "plain", "speculative_config": {...} | null}, ...]}
+          "memory_fraction": 0.08, "enable_prefix_caching": false (absent: vLLM's default),
+          "runs": [{"name": "plain", "speculative_config": {...} | null}, ...]}
 RESULT:  {"version": vLLM's, "device": "cpu" | "cuda" | ..., "runner": "v1" | "v2",
           "runs": {name: {"outputs": [[token ids], ...], "seconds": generation wall time,
                           "spec_decode": {num_drafts, num_draft_tokens, num_accepted_tokens,
@@ -65,7 +66,8 @@ def make_llm(request: dict, images: int, speculative_config: dict | None):
                # On the CPU backend this is the share of the machine's memory reserved for the KV cache.
                gpu_memory_utilization=request.get("memory_fraction", 0.08),
                tensor_parallel_size=tensor_parallel,
-               limit_mm_per_prompt={"image": images} if images else None, speculative_config=speculative_config)
+               limit_mm_per_prompt={"image": images} if images else None, speculative_config=speculative_config,
+               enable_prefix_caching=request.get("enable_prefix_caching"))
 
 
 def sampling_params(request: dict, speculative: bool):

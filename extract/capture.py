@@ -40,10 +40,16 @@ def agreement(target: Target, final_TH: torch.Tensor, ids: torch.Tensor, span: t
     if not len(wrong):
         return Agreement()
     j = int(wrong[0])
-    row = logits[j]
-    gap = float(row[chosen[j]] - row[written[j]])
-    precision = torch.finfo(final_TH.dtype).eps * float(row[chosen[j]].abs().clamp_min(1))
-    return Agreement(True, j, gap, gap <= TIE_ULPS * precision)
+    gap, tie = tie_gap(logits[j], int(chosen[j]), int(written[j]), final_TH.dtype)
+    return Agreement(True, j, gap, tie)
+
+
+def tie_gap(logits_V: torch.Tensor, chosen: int, other: int, dtype: torch.dtype) -> tuple[float, bool]:
+    """By how much one row of logits prefers `chosen` to `other`, and whether that lies within the rounding of a
+    target computed in `dtype` (TIE_ULPS units of its precision at the chosen logit's magnitude)."""
+    gap = float(logits_V[chosen] - logits_V[other])
+    precision = torch.finfo(dtype).eps * float(logits_V[chosen].abs().clamp_min(1))
+    return gap, gap <= TIE_ULPS * precision
 
 
 @contextmanager

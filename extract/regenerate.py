@@ -152,7 +152,7 @@ def _assemble(prompts: Prompts, context: str, images: list, answer_ids: list[int
                          f"{sum(b > a for a, b in history)} found with a supervised token in the rendered prompt")
     prompts.check_length(len(ids) + len(answer_ids), "sequence")
     spans = (history if prompts.settings.supervise_history else []) + [(len(ids), len(ids) + len(answer_ids))]
-    return _extend(inputs, answer_ids), spans
+    return extended(inputs, answer_ids), spans
 
 
 def _engine_regenerated(prompts: Prompts, d: Dialog) -> Sequence:
@@ -262,7 +262,7 @@ def last_turn_prompt(prompts: Prompts, conv: Conversation) -> dict:
     return batch
 
 
-def _extend(inputs: dict, new_ids: list[int]) -> dict:
+def extended(inputs: dict, new_ids: list[int]) -> dict:
     """Append generated ids to single-sample processor outputs (text tokens: mm type 0, mask 1)."""
     add = torch.tensor([new_ids], dtype=inputs["input_ids"].dtype)
     out = dict(inputs)

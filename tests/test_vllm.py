@@ -340,7 +340,9 @@ def test_the_engine_dying_mid_extraction_is_one_line_and_the_rerun_resumes(learn
     deadline = time.monotonic() + 600
     while len(list(answers.rglob("*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    engine = subprocess.run(["pgrep", "-f", "vllm_worker.py"], capture_output=True, text=True).stdout.split()
+    # This extraction's engine only: another test's may be running beside it.
+    engine = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "vllm_worker.py"], capture_output=True,
+                            text=True).stdout.split()
     assert len(engine) == 1, engine
     import os
 

@@ -33,7 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from cache_schema import CacheError  # noqa: E402
 from extract.prompts import images_in  # noqa: E402
-from extract.regenerate import generate  # noqa: E402
+from extract.capture import TIE_ULPS, tie_gap  # noqa: E402
+from extract.regenerate import extended, generate  # noqa: E402
 from engines import ENGINES, MEMORY_FRACTION, RUNNER_POSITIONS, RUNNER_SHARED_SLOTS, engine_prompt  # noqa: E402
 from train.replay import shown  # noqa: E402
 from tools.spec_decode import (counting_skips, prepare, prompt_arguments, prompt_batches,  # noqa: E402
@@ -101,6 +102,25 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+@torch.no_grad()
+def parting(target, batch: dict, a: list[int], b: list[int]) -> dict | None:
+    """Where two answers to one prompt part, None if they do not: the answer token, transformers' logit gap between
+    their two tokens after the common prefix, and whether that gap is a tie at the target's dtype (the capture's
+    rule, extract/capture.py): another kernel may resolve a tie either way, so such a parting is not a loss."""
+    j = first_difference(a, b)
+    if a == b:
+        return None
+    if j == min(len(a), len(b)):  # one answer stops where the other goes on: not a choice between two tokens
+        return {"at": j, "gap": None, "tie": False}
+    inputs = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in extended(batch, a[:j]).items()}
+    logits = target.model(**inputs, logits_to_keep=1).logits[0, -1].float()
+    if target.suppressed_ids:
+        logits[target.suppressed_ids] = float("-inf")
+    chosen, other = (a[j], b[j]) if logits[a[j]] >= logits[b[j]] else (b[j], a[j])
+    gap, tie = tie_gap(logits, chosen, other, target.model.dtype)
+    return {"at": j, "gap": round(gap, 4), "tie": tie}
+
+
 def diagnose(report: dict) -> list[dict]:
     """The likely causes of a gap between the engine's acceptance and our replay, most basic first, each
     {"cause": a short name, "detail": what was measured and what to do}."""
@@ -110,20 +130,20 @@ def diagnose(report: dict) -> list[dict]:
         causes.append({"cause": name, "detail": detail})
 
     ours, as_served, engine = report["ours"], report["ours_as_served"], report["engine"]
-    differs = [p for p in report["prompts"] if p["engine_greedy"] != p["reference"]]
+    differs = beyond_ties(report, "engine_greedy_vs_transformers")
     if differs:
         p = differs[0]
         cause("prompts or target differ",
-              f"the engine's own greedy answers differ from transformers' on {len(differs)} of "
+              f"the engine's own greedy answers differ from transformers' beyond ties on {len(differs)} of "
               f"{len(report['prompts'])} prompts (first: {p['key']} at answer token "
-              f"{first_difference(p['engine_greedy'], p['reference'])}): it is given or computes other contexts "
+              f"{p['partings']['engine_greedy_vs_transformers']['at']}): it is given or computes other contexts "
               "than the cache holds (chat template, system prompt, thinking switch, dtype, kernels), so the drafter "
               "is fed states it was not trained on")
-    broken = [p["key"] for p in report["prompts"] if p["engine_speculative"] != p["engine_greedy"]]
+    broken = [p["key"] for p in beyond_ties(report, "engine_vs_its_greedy")]
     if broken:
         cause("engine verification",
-              f"speculative decoding changed the engine's output on {len(broken)} prompts ({broken[0]} first): the "
-              "engine's verification is not lossless, a defect of the engine, not the drafter")
+              f"speculative decoding changed the engine's output beyond ties on {len(broken)} prompts ({broken[0]} "
+              "first): the engine's verification is not lossless, a defect of the engine, not the drafter")
     trained, fed = report["position_source"], report["runner_position_source"]
     runner = f"{report['engine_name']}'s {report['runner']} runner"
     if not agrees(ours, as_served):
@@ -164,6 +184,33 @@ def diagnose(report: dict) -> list[dict]:
     return causes
 
 
+# The answers compared for losslessness: (the first's, the second's) of each prompt's row.
+PAIRS = {"engine_vs_its_greedy": ("engine_speculative", "engine_greedy"),
+         "engine_vs_transformers": ("engine_speculative", "reference"),
+         "engine_greedy_vs_transformers": ("engine_greedy", "reference"),
+         "ours_vs_transformers": ("ours", "reference")}
+
+
+def beyond_ties(report: dict, pair: str) -> list[dict]:
+    """The prompts whose two answers of `pair` part where transformers' logits do not tie."""
+    return [p for p in report["prompts"] if pair in p["partings"] and not p["partings"][pair]["tie"]]
+
+
+def lossless(report: dict, pair: str) -> bool:
+    """Whether every prompt's two answers of `pair` are equal, or part only at a tie of the target's dtype."""
+    return report["lossless"][pair] + report["ties"][pair] == report["samples"]
+
+
+# The engine settings the check chooses for a target, reported beside the figures.
+ENGINE_SETTINGS = ("dtype", "enable_prefix_caching")
+
+
+def hybrid_settings(target) -> dict:
+    """What a target with recurrent-state layers (Qwen3.5's Gated DeltaNet) needs of vLLM 0.32 to be served with a
+    drafter: prefix caching off, without which its speculative decoding fails (docs/vllm_cpu_defects.md)."""
+    return {"enable_prefix_caching": False} if target.traits.recurrent_state else {}
+
+
 def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Path | None = None,
         engine: str = "vllm", engine_python: Path | None = None, max_new_tokens: int | None = None,
         max_prompts: int | None = None, out: Path | None = None, dtype: str | None = None,
@@ -198,6 +245,7 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
                    "max_model_len": max(b["input_ids"].shape[1] for _, b in items) + limit + block + 16,
                    "prompts": [engine_prompt(b["input_ids"][0].tolist(), shown[i], image_id, Path(tmp) / f"prompt-{i}")
                                for i, (_, b) in enumerate(items)],
+                   **hybrid_settings(target),
                    "runs": [{"name": "greedy"},
                             {"name": "speculative", "speculative_config": {
                                 "method": "dflash", "model": str(export_dir), "num_speculative_tokens": block - 1}}]}
@@ -219,16 +267,19 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
         for name, spec in sides.items():
             decoded[name].append(spec.decode(batch, limit))
             seconds[name] += decoded[name][-1].seconds
-        rows.append({"key": conv.key, "images": len(shown[i]), "reference": reference,
-                     "ours": decoded["ours"][-1].tokens,
-                     "engine_greedy": result["runs"]["greedy"]["outputs"][i],
-                     "engine_speculative": result["runs"]["speculative"]["outputs"][i]})
+        row = {"key": conv.key, "images": len(shown[i]), "reference": reference, "ours": decoded["ours"][-1].tokens,
+               "engine_greedy": result["runs"]["greedy"]["outputs"][i],
+               "engine_speculative": result["runs"]["speculative"]["outputs"][i]}
+        row["partings"] = {pair: parting(target, batch, row[a], row[b]) for pair, (a, b) in PAIRS.items()
+                           if row[a] != row[b]}
+        rows.append(row)
     figures = {name: our_figures(decoded[name], block, seconds[name]) for name in sides}
     report = {"target": target_path, "drafter": str(d.drafter), "export": str(export_dir) if drafter != checkpoint
               else "speculators, written for this check", "engine_name": engine, "engine_version": result["version"],
               "engine_device": result["device"], "runner": runner, "runner_position_source": fed,
               "runner_shared_slots": RUNNER_SHARED_SLOTS[engine, runner],
-              "position_source": d.spec.position_source, "hidden_dtype": d.spec.hidden_dtype,
+              "position_source": d.spec.position_source, "hidden_dtype": d.spec.hidden_dtype, "dtype": d.dtype,
+              "engine_settings": {k: request[k] for k in ENGINE_SETTINGS if k in request},
               "trained_position_source": read_checkpoint(d.drafter).drafter.position_source,
               "drafter_layers": len(d.spec.dflash.model.layers),
               "block": block, "max_new_tokens": limit, "samples": len(rows), "skipped": dict(skipped),
@@ -237,11 +288,8 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
               "engine_greedy_tokens_per_s": sum(map(len, result["runs"]["greedy"]["outputs"]))
               / result["runs"]["greedy"]["seconds"],
               **figures,
-              "lossless": {
-                  "engine_vs_its_greedy": sum(r["engine_speculative"] == r["engine_greedy"] for r in rows),
-                  "engine_vs_transformers": sum(r["engine_speculative"] == r["reference"] for r in rows),
-                  "engine_greedy_vs_transformers": sum(r["engine_greedy"] == r["reference"] for r in rows),
-                  "ours_vs_transformers": sum(r["ours"] == r["reference"] for r in rows)},
+              "lossless": {pair: sum(pair not in r["partings"] for r in rows) for pair in PAIRS},
+              "ties": {pair: sum(pair in r["partings"] and r["partings"][pair]["tie"] for r in rows) for pair in PAIRS},
               "prompts": rows}
     report["agrees"] = agrees(report["engine"], report["ours"])
     report["causes"] = [] if report["agrees"] else diagnose(report)
@@ -261,7 +309,12 @@ def served(report: dict) -> str:
 
 
 def table(report: dict) -> str:
-    n, lossless = report["samples"], report["lossless"]
+    n = report["samples"]
+
+    def equal(pair: str) -> str:
+        ties = report["ties"][pair]
+        return f"{report['lossless'][pair]}/{n}" + (f" + {ties} ties" if ties else "")
+
     cols = [("engine", report["engine"]), ("ours, as trained", report["ours"]),
             ("ours, as served", report["ours_as_served"])]
     lines = [f"serve check: {report['engine_name']} {report['engine_version']} ({report['engine_device']}, "
@@ -278,10 +331,11 @@ def table(report: dict) -> str:
         lines.append(f"  {label:28}" + "".join(f"{shown(f[key], fmt):>{w}}" for _, f in cols))
     lines.append(f"  {'accepted per position':28}" + "".join(f"{x:>{w}}" for x in per_position))
     lines += [f"  engine greedy tokens/s      {report['engine_greedy_tokens_per_s']:.1f}",
-              f"  lossless                    engine speculative = its greedy {lossless['engine_vs_its_greedy']}/{n}, "
-              f"= transformers {lossless['engine_vs_transformers']}/{n}; engine greedy = transformers "
-              f"{lossless['engine_greedy_vs_transformers']}/{n}; ours = transformers "
-              f"{lossless['ours_vs_transformers']}/{n}"]
+              f"  lossless                    engine speculative = its greedy {equal('engine_vs_its_greedy')}, "
+              f"= transformers {equal('engine_vs_transformers')}; engine greedy = transformers "
+              f"{equal('engine_greedy_vs_transformers')}; ours = transformers {equal('ours_vs_transformers')}"
+              + (f" (+ ties: the answers part where transformers' {report['dtype']} logits differ by less than "
+                 f"{TIE_ULPS} units of its precision)" if any(report["ties"].values()) else "")]
     if report["agrees"]:
         lines.append(f"  verdict                     the engine accepts what our replay predicts (within ties: "
                      f"{report['tie_share']:.0%} of the drafts)")
@@ -336,8 +390,9 @@ def main() -> None:
     report = run(args.target, args.drafter, args.shards, args.prompts, args.engine, args.engine_python,
                  args.max_new_tokens, args.max_prompts, args.out, args.dtype, args.engine_memory_fraction,
                  args.device)
-    if report["lossless"]["engine_vs_its_greedy"] != report["samples"]:
-        raise SystemExit("the engine's speculative output differs from its greedy output (see serve_check.json)")
+    if not lossless(report, "engine_vs_its_greedy"):
+        raise SystemExit("the engine's speculative output differs from its greedy output beyond ties (see "
+                         "serve_check.json)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Every stage runs through its real command line, as a user would type it: the lea
 reused), task shards (training prompts and a held-out split used for evaluation only), `extract` (bf16, fp8 and
 dataset answers), `train` (DFlash and VP drafters), `train.evaluate` (offline replay and D2SD on the held-out
 cache), `tools.spec_decode` (online, against the target's own greedy output), `train.export` (both formats),
-then one table of what came out. The Qwen3.5 run leaves out the fp8 and dataset-answer drafters and the serve
-check (vLLM's CPU build has no Gated DeltaNet kernels), so that it takes a few minutes more than extraction.
+`tools.serve_check` (the drafter served by vLLM beside our replay), then one table of what came out. The Qwen3.5
+run leaves out the fp8, dataset-answer and DFlash2 drafters, and runs the learned Qwen3.5 with its linear-attention
+heads widened to a size vLLM's CPU kernels take, in bf16 (the only dtype they run), from extraction to serving.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from cache_schema import CacheReader
-from tools.demo import learned_target, scenes
+from tools.demo import learned_target, linear_heads, scenes
 from engines import vllm_python
 
 # Built by `python -m tools.demo.learned_target` (9000 steps, 20-30 minutes on one thread) and committed, 3.3 MB,
@@ -117,7 +118,9 @@ def main() -> None:
                              "`python -m tools.demo.learned_target OUT` writes them)")
     print(f"demo in {work} (every stage's log under {work / 'logs'}); learned target {target_dir}", flush=True)
     timings["learned target"] = time.perf_counter() - t0
-    model = target_dir / "model"
+    model, target_dtype = target_dir / "model", ()
+    if not full:  # the Qwen3.5 in shapes vLLM's CPU build serves, in the only dtype it runs (tools/demo/linear_heads.py)
+        model, target_dtype = linear_heads.servable(model, work / "target"), ("target.dtype=bfloat16",)
     accuracy = json.loads((target_dir / "accuracy.json").read_text())
     shards = work / "shards"
     train_shards = scenes.write_task_shards(shards, "train", TRAIN_PROMPTS)
@@ -152,7 +155,7 @@ def main() -> None:
         return (f"extract {name}", [py, "-m", "extract", f"target={target_conf}", f"target.path={model}",
                                     f"out={work / name}", f"data.shards='{spec[split]}'",
                                     f"generation.max_new_tokens={MAX_NEW_TOKENS}", "generation.batch_size=16",
-                                    f"hydra.run.dir={logs}/extract-{name}", *overrides])
+                                    f"hydra.run.dir={logs}/extract-{name}", *target_dtype, *overrides])
 
     def train(name: str, data: Path, *overrides) -> tuple[str, list]:
         return (f"train {name}", [py, "-m", "train", "setup=tiny", f"data.cache={data}", f"run_dir={work / 'runs' / name}",
@@ -197,7 +200,7 @@ def main() -> None:
                              work / "export" / fmt]) for fmt in ("speculators", "dflash")])
     # Where users end: the drafter served by vLLM (its CPU build, when `make setup-vllm` has made it) beside our replay.
     served = None
-    if full and vllm_python() is not None:
+    if vllm_python() is not None:
         run(("the DFlash drafter served by vLLM beside our replay", [
             py, "-m", "tools.serve_check", "--target", model, "--drafter", runs["dflash"],
             "--shards", spec["heldout"], "--out", work / "serve_check"]))
@@ -225,8 +228,8 @@ def main() -> None:
         ("tau D2SD offline (DFlash + VP, k=4)", f"{evals['dflash']['d2sd']['last_turn']['tau']:.3f}"),
         *([(f"tau offline, {new_arm} drafter (same seed and steps)", versus(new_arm, "DFlash")),
            ("tau offline, drafter from the fp8 cache (same seed)", versus("dflash-fp8", "bf16")),
-           ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated")),
-           *serve_rows(served)] if full else []),
+           ("tau offline, drafter from dataset answers", versus("dflash-human", "regenerated"))] if full else []),
+        *serve_rows(served),
         ("cache audit of the hidden states (cache_audit.png)", summary["audit"]["verdict"]),
         ("cache bytes per token (bf16)", f"{cache_bytes / summary['tokens']:.0f}"),
         ("extraction time (train prompts, bf16, beside another)", f"{timings['extract cache']:.0f} s"),
