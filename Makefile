@@ -62,16 +62,22 @@ $(VLLM_VENV)/.installed:
 
 setup-vllm: $(VLLM_VENV)/.installed ## vLLM's CPU build in .venv-vllm, for the tests and checks that serve a drafter
 
+# Test processes side by side (pytest-xdist), each module's tests in one of them, so that a module's shared fixtures
+# (caches, trained drafters) are built once. Many tests wait on a subprocess or run one thread: two processes keep both
+# cores busy. TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= 2
+PYTEST = $(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
+
 test: setup setup-vllm ## run the fast test suite (CPU)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-all: setup setup-vllm ## run every CPU test, slow ones included (vLLM's too)
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu" $(PYTEST_ARGS)
 
 demo: setup setup-vllm ## whole pipeline on a tiny target and generated shards, under $(WORK)/demo
 	$(PY) -m tools.demo --work $(WORK)/demo
 
-demo-qwen35: setup ## the demo's core on a tiny Qwen3.5 (linear attention), under $(WORK)/demo-qwen35
+demo-qwen35: setup setup-vllm ## the demo's core on a tiny Qwen3.5 (linear attention), under $(WORK)/demo-qwen35
 	$(PY) -m tools.demo --family qwen3_5 --work $(WORK)/demo-qwen35
 
 inspect: setup ## summarise a cache: make inspect CACHE=path [ARGS='--verify --sample 0']
