@@ -50,6 +50,7 @@ def test_a_target_loaded_in_another_dtype_has_the_same_fingerprint_and_another_m
     assert config_fingerprint(other) != prints["float32"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_captured_hidden_states_equal_hf_output_hidden_states(family, tiny_targets, convs):
     target = load_target(str(tiny_targets / family), dtype="float32", device="cpu")
     layer_ids = [i for i in [0, 2, 3, 6] if i >= target.traits.deepstack_layers(target.model.config)]
