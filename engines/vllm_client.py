@@ -5,6 +5,7 @@ request file, one result) and `VllmWorker` (a long-lived engine answering batche
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -62,11 +63,12 @@ def run_vllm(request: dict, python: Path | None = None, timeout: float = 1800) -
 
 
 class VllmWorker:
-    """`vllm_worker.py` under vLLM's interpreter, started once and asked batch after batch over its pipes.
+    """An engine-side worker script under vLLM's interpreter (`vllm_worker.py`, which generates, or
+    `vllm_capture.py`, which captures hidden states), started once and asked batch after batch over its pipes.
     `config` is the worker's CONFIG; `devices` the GPUs it may use (CUDA_VISIBLE_DEVICES), None for all."""
 
     def __init__(self, config: dict, python: Path | None = None, devices: list[int] | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, script: str = "vllm_worker.py"):
         python = checked_python(python)
         self.tmp = tempfile.TemporaryDirectory(prefix="vllm-worker-")
         path = Path(self.tmp.name) / "config.json"
@@ -76,7 +78,7 @@ class VllmWorker:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         self.log_path = log_path or Path(self.tmp.name) / "engine.log"
         self.log = open(self.log_path, "w")
-        script = Path(__file__).with_name("vllm_worker.py")
+        script = Path(__file__).with_name(script)
         # Its own working directory: the engine's spawned workers re-import the script, not our packages.
         # Its own session: a Ctrl-C or a scheduler's SIGTERM reaches us, who finish the window and close it, and
         # not the engine mid-window. It ends by itself when our end of its stdin closes.
@@ -90,20 +92,27 @@ class VllmWorker:
         if not line:
             self.proc.wait()
             self.log.flush()
-            last = next((line for line in reversed(self.log_path.read_text().splitlines()) if line.strip()), "")
             raise EngineError(f"the vLLM engine process ended (exit {self.proc.returncode}) before answering; its "
-                              f"last words: {last.strip()[:300] or 'none'}")
+                              f"last words: {last_error(self.log_path.read_text())[:300] or 'none'}")
         return json.loads(line)
 
-    def generate(self, prompts: list[dict]) -> dict:
-        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each); an
-        EngineError naming the engine's failure when it cannot answer them at all (not a refusal of a prompt)."""
-        self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
+    def ask(self, request: dict) -> dict:
+        """The worker's answer to `request`; an EngineError naming the engine's failure when it cannot answer at
+        all (not a refusal of a prompt, which is an answer)."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply = self._read()
         if "fatal" in reply:
             raise EngineError(f"vLLM cannot run this target ({reply['fatal']}); nothing of this window was written")
         return reply
+
+    def generate(self, prompts: list[dict]) -> dict:
+        """{"outputs": [{"ids", "finish"} | {"error"}], "seconds"} for `prompts` ({"ids", "images"} each)."""
+        return self.ask({"prompts": prompts})
+
+    def capture(self, prompts: list[dict], out: Path) -> dict:
+        """{"outputs": [{"file"} | {"error"}], "seconds"}: each prompt's hidden states in a file under `out`."""
+        return self.ask({"prompts": prompts, "out": str(Path(out).resolve())})
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -121,3 +130,29 @@ class VllmWorker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def run_capture(request: dict, python: Path | None = None) -> list[dict]:
+    """`vllm_capture.py` started for one request (CONFIG's keys and "prompts"); per prompt {"ids": the prompt as the
+    engine ran it, images expanded [T], "states": the layers' outputs [T, L, H] in the model's dtype}, or {"error"}
+    for one it refused. An EngineError in the engine's words when it cannot run the target."""
+    from safetensors.torch import load_file
+
+    config = {k: v for k, v in request.items() if k != "prompts"}
+    images = max((len(p.get("images", [])) for p in request["prompts"]), default=0)
+    with tempfile.TemporaryDirectory(prefix="vllm-capture-") as tmp, \
+            VllmWorker({"images_per_prompt": images, **config}, python, script="vllm_capture.py") as worker:
+        reply = worker.capture(request["prompts"], Path(tmp))
+        out = []
+        for o in reply["outputs"]:
+            rows = load_file(o["file"]) if "file" in o else None
+            out.append(o if rows is None else {"ids": rows["token_ids"], "states": rows["hidden_states"]})
+        return out
+
+
+def last_error(log: str) -> str:
+    """The engine's own reason in a log: its last line naming an error or exception (the `[rank0]:` prefix of its
+    workers dropped), else its last line."""
+    lines = [re.sub(r"^(\[rank\d+\]:\s*)+", "", line).strip() for line in log.splitlines()]
+    return next((line for line in reversed(lines) if re.match(r"[\w.]*(Error|Exception)\b", line)),
+                next((line for line in reversed(lines) if line), ""))
