@@ -67,14 +67,32 @@ def final_states(target: Target):
 def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> tuple[Sample, Agreement | None]:
     """The cache sample of `seq`, and for an engine's answers their agreement with the target."""
     inputs = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in seq.inputs.items()}
-    positions = target.position_ids(inputs)[:, 0, :]
     with target.capture(layer_ids) as captured, final_states(target) as final:
         target.model(**inputs, use_cache=False, logits_to_keep=1)
-    hidden_TLH = torch.stack([captured[i][0] for i in layer_ids], dim=1)
+    sample = sample_of(target, seq, inputs, torch.stack([captured[i][0] for i in layer_ids], dim=1), layer_ids)
+    checked = agreement(target, final["states"][0], inputs["input_ids"][0], seq.spans[-1]) \
+        if seq.engine_answered else None
+    return sample, checked
+
+
+def engine_sample(target: Target, seq: Sequence, ids_T: torch.Tensor, hidden_TLH: torch.Tensor,
+                  layer_ids: list[int]) -> Sample:
+    """The cache sample of `seq` from the states a serving engine captured over `ids_T`, the sequence as it ran it:
+    a skip unless those are the sequence's ids (its processor expanded the images otherwise)."""
+    ids = seq.inputs["input_ids"][0]
+    if ids_T.shape != ids.shape or not torch.equal(ids_T.to(ids.dtype), ids):
+        raise SkipSample("engine_tokens_differ", f"the engine ran {ids_T.shape[0]} tokens, other than the "
+                                                 f"{ids.shape[0]} of the sequence (its image expansion?)")
+    return sample_of(target, seq, seq.inputs, hidden_TLH, layer_ids)
+
+
+def sample_of(target: Target, seq: Sequence, inputs: dict, hidden_TLH: torch.Tensor, layer_ids: list[int]) -> Sample:
+    """The cache sample of `seq` from its layers' states [T, L, H]: ids, loss mask, the target's positions, counts."""
     finite_L = torch.isfinite(hidden_TLH).all(dim=2).all(dim=0)  # one reduction, one transfer below
     if not bool(finite_L.all()):
         bad = [layer_ids[i] for i in (~finite_L).nonzero().flatten().tolist()]
         raise SkipSample("non_finite_hidden", f"target layers {bad} gave inf or NaN hidden states")
+    positions = target.position_ids(inputs)[:, 0, :]
     ids = inputs["input_ids"][0]
     image_ids = target.token_ids(target.traits.chat.expanded)
     n_image = int(sum((ids == v).sum() for v in image_ids)) if image_ids else 0
@@ -82,8 +100,7 @@ def capture(target: Target, seq: Sequence, layer_ids: list[int]) -> tuple[Sample
     meta = {"source": seq.conv.source, "num_images": seq.images, "num_image_tokens": n_image,
             "assistant_turns": seq.turns, "truncated_turns": seq.truncated_turns,
             "dropped_turns": seq.dropped_turns, "generated_tokens": seq.generated_tokens}
-    checked = agreement(target, final["states"][0], ids, seq.spans[-1]) if seq.engine_answered else None
     return Sample(key=seq.conv.key, input_ids=ids.cpu().numpy().astype(np.int32),
                   loss_mask=loss_mask(ids.shape[0], seq.spans),
                   position_ids=positions.cpu().numpy().astype(np.int32),
-                  hidden_TLH=hidden_TLH.to(torch.bfloat16).cpu(), meta=meta), checked
+                  hidden_TLH=hidden_TLH.to(torch.bfloat16).cpu(), meta=meta)

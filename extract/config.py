@@ -11,6 +11,7 @@ from cache_schema.storage import compressors
 from extract.prompts import GenerationSettings
 
 GENERATORS = ("transformers", "vllm")  # what regenerates the answers (generation.engine)
+CAPTURERS = ("transformers", "engine")  # what computes the hidden states (generation.capture)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class GenerationConfig(GenerationSettings):
     engine_memory_fraction: float | None = None
     engine_tensor_parallel: int = 1  # GPUs of one rank's engine
     engine_max_images: int = 8  # images one prompt may hold
+    # Who computes the cached hidden states: "transformers" (the target loaded here, one forward per sequence) or
+    # "engine" (generation.engine's, started again for a capture prefill of every sequence; the target's weights are
+    # never loaded here: extract/engine_capture.py).
+    capture: str = "transformers"
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
@@ -82,6 +87,11 @@ class ExtractConfig:
         if self.generation.engine != "transformers" and not self.generation.regenerate:
             raise ValueError(f"generation.engine={self.generation.engine} regenerates; generation.regenerate=false "
                              "keeps the dataset's answers, so it takes no engine")
+        if self.generation.capture not in CAPTURERS:
+            raise ValueError(f"generation.capture={self.generation.capture!r}; choose from {CAPTURERS}")
+        if self.generation.capture == "engine" and self.generation.engine == "transformers":
+            raise ValueError("generation.capture=engine captures through the serving engine: set generation.engine "
+                             f"(one of {GENERATORS[1:]})")
         fraction = self.generation.engine_memory_fraction
         if fraction is not None and not 0 < fraction <= 1:
             raise ValueError(f"generation.engine_memory_fraction={self.generation.engine_memory_fraction!r} must "

@@ -27,14 +27,15 @@ from extract.batching import length_sorted_batches
 from extract.capture import capture
 from extract.engine import answered_dialogs, load_answers, regenerate_shards, remove_answers
 from extract.config import ExtractConfig
+from extract.engine_capture import EngineCapture
 from extract.families import family
 from extract.formats import SkipSample, guarded
 from extract.progress import ShardProgress
 from extract.prompts import Prompts
 from extract.regenerate import build_sequences
 from extract.sources import IncompleteShard, conversations, expand_shards, output_shard_name, shards_for_rank
-from extract.target import (Target, check_layer_ids, config_fingerprint, default_layer_ids, load_target,
-                            special_token_ids, tokenizer_fingerprint)
+from extract.target import (Target, check_layer_ids, config_fingerprint, default_layer_ids, load_structure,
+                            load_target, special_token_ids, tokenizer_fingerprint)
 
 log = logging.getLogger("extract")
 
@@ -133,13 +134,19 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
         regenerate_shards(cfg, writer, todo, state.process_index, state.local_process_index, torch.cuda.is_available(),
                           stop=lambda url: stop_here(stop, writer, "regeneration", None))
     if todo or export:
-        target = load_target(cfg.target.path, dtype=cfg.target.dtype,
-                             device=cfg.target.device or str(state.device), device_map=cfg.target.device_map,
-                             attn_implementation=cfg.target.attn_implementation, model_type=cfg.target.model_type)
+        if cfg.generation.capture == "engine":  # the weights stay with the engine
+            target = load_structure(cfg.target.path, cfg.target.dtype, cfg.target.model_type)
+            engine = hold.enter_context(EngineCapture(cfg, target, layer_ids, state.local_process_index,
+                                                      torch.cuda.is_available())) if todo else None
+        else:
+            target = load_target(cfg.target.path, dtype=cfg.target.dtype,
+                                 device=cfg.target.device or str(state.device), device_map=cfg.target.device_map,
+                                 attn_implementation=cfg.target.attn_implementation, model_type=cfg.target.model_type)
+            engine = None
         if export:
             export_target_files(writer, target)
         incomplete = extract_shards(cfg, target, writer, layer_ids, todo, state.process_index,
-                                    stop=lambda url: stop_here(stop, writer, "capture", url))
+                                    stop=lambda url: stop_here(stop, writer, "capture", url), engine=engine)
     else:
         log.info("rank %d: nothing to do, the target is not loaded", state.process_index)
     state.wait_for_everyone()
@@ -150,11 +157,27 @@ def _run(cfg: ExtractConfig, stop: StopSignals, hold: contextlib.ExitStack) -> d
     return write_summary(writer, cfg.out, incomplete, time.perf_counter() - start)
 
 
+def captured(target: Target, layer_ids: list[int], engine: EngineCapture | None):
+    """Sequences -> (their sample or SkipSample, the agreement of an engine's answers with the target or None),
+    captured by transformers one by one or by the engine a batch at once (which checks no agreement: the target
+    that would is not loaded; the audit's --recompute judges such a cache)."""
+    def one(seq):
+        try:
+            return guarded("capture_failed", capture, target, seq, layer_ids)
+        except SkipSample as skip:
+            return skip, None
+
+    if engine is not None:
+        return lambda seqs: [(x, None) for x in engine(seqs)]
+    return lambda seqs: [one(s) for s in seqs]
+
+
 def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, layer_ids: list[int], urls: list[str],
-                   rank: int, stop=lambda url: None) -> dict[str, str]:
+                   rank: int, stop=lambda url: None, engine: EngineCapture | None = None) -> dict[str, str]:
     """Each input shard to one committed output shard; returns {input: why} of those not read to their end.
-    `stop(url)` is asked after every batch and raises to stop there."""
+    `stop(url)` is asked after every batch and raises to stop there. `engine`: capture through it."""
     totals, incomplete = Counter(), {}
+    capture_all = captured(target, layer_ids, engine)
     prompts = Prompts(target, cfg.generation.settings())
     bar = ShardProgress(writer, len(urls), rank, cfg.progress)
     start = time.perf_counter()
@@ -176,12 +199,11 @@ def extract_shards(cfg: ExtractConfig, target: Target, writer: CacheWriter, laye
                                                cfg.generation.batch_size, cfg.generation.sort_window):
                 kept = 0
                 answered = None if answers is None else answered_dialogs(answers, batch)
-                for result in build_sequences(prompts, batch, on_skip, answered):
-                    try:
-                        sample, checked = guarded("capture_failed", capture, target, result, layer_ids)
-                    except SkipSample as skip:
-                        on_skip(result.conv.key, skip)
-                        if skip.reason == "non_finite_hidden":
+                results = build_sequences(prompts, batch, on_skip, answered)
+                for result, (sample, checked) in zip(results, capture_all(results)):
+                    if isinstance(sample, SkipSample):
+                        on_skip(result.conv.key, sample)
+                        if sample.reason == "non_finite_hidden":
                             totals["non_finite"] += 1
                             check_finite_share(totals)
                         continue

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
 
 from cache_schema.codecs import DTYPES
@@ -139,6 +140,8 @@ class Target:
         return sorted(set(ids) | set(self.token_ids([self.traits.chat.end_of_turn])))
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
+        if self.decoder.embed_tokens.weight.is_meta:  # an engine holds the weights: read from the checkpoint's files
+            return checkpoint_head(self)
         return {"embed_tokens": self.decoder.embed_tokens.weight.detach(),
                 "lm_head": attrgetter(self.traits.lm_head)(self.model).weight.detach(),
                 "final_norm": self.decoder.norm.weight.detach()}
@@ -186,6 +189,47 @@ def load_processors(path: str, model_type: str | None = None) -> Target:
     processor = AutoProcessor.from_pretrained(path) if traits.vision else tokenizer
     return Target(model=None, processor=processor, tokenizer=tokenizer, family=traits.model_type,
                   name_or_path=str(path), generation_config=generation)
+
+
+def load_structure(path: str, dtype: str = "bfloat16", model_type: str | None = None) -> Target:
+    """The target as a serving engine captures it: its processors, and its model built on the meta device, no weight
+    loaded (what extraction asks of it besides the states, the M-RoPE position rule, reads the config alone); the
+    head tensors come from the checkpoint's files by name (`Target.head_tensors`)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"target.dtype={dtype!r}; choose from {sorted(DTYPES)}")
+    target = load_processors(path, model_type)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        target.model = getattr(transformers, target.traits.auto_class).from_config(config, dtype=DTYPES[dtype])
+    target.model.eval().requires_grad_(False)
+    return target
+
+
+def checkpoint_head(target: Target) -> dict[str, torch.Tensor]:
+    """The embedding, LM head and final norm read by their names in the model from the checkpoint's safetensors files
+    (an LM head tied to the embedding is the embedding), in the target's dtype."""
+    folder = Path(target.name_or_path)
+    if not folder.is_dir():  # a hub id: the files of the local snapshot (HF_HUB_OFFLINE is honoured)
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(target.name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+    index = folder / "model.safetensors.index.json"
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    traits, dtype = target.traits, target.model.dtype
+    names = {"embed_tokens": f"{traits.decoder}.embed_tokens.weight", "lm_head": f"{traits.lm_head}.weight",
+             "final_norm": f"{traits.decoder}.norm.weight"}
+    out = {}
+    for key, name in names.items():
+        file = folder / (where.get(name, "") if where is not None else "model.safetensors")
+        with safe_open(str(file), "pt") as f:
+            if name in f.keys():
+                out[key] = f.get_tensor(name).to(dtype)
+    if "lm_head" not in out and target.model.config.get_text_config().tie_word_embeddings:
+        out["lm_head"] = out.get("embed_tokens")
+    missing = [names[k] for k in names if out.get(k) is None]
+    if missing:
+        raise ValueError(f"target {target.name_or_path}: its safetensors files hold no {', '.join(missing)}")
+    return out
 
 
 def _checked_config(path: str, model_type: str | None):

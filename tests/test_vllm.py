@@ -208,6 +208,30 @@ def test_extraction_regenerated_by_vllm_is_the_cache_transformers_writes(learned
     assert not (tmp_path / "cache" / "regenerated").exists()  # the answers went into the committed shard
 
 
+def test_stage_one_captured_by_the_engine_is_the_cache_transformers_captures(learned_runs, tmp_path):
+    """`generation.capture=engine`: vLLM answers every turn and then captures every sequence (the target's weights
+    never loaded here) into a cache with the same keys, ids, loss masks and positions as the fixture's in-process
+    one, the head tensors read from the checkpoint equal to the loaded model's, and hidden states equal within the
+    bf16 rounding of the cache (both compute fp32; vLLM's kernels sum in another order, so a value near a bf16
+    boundary may round to its neighbour)."""
+    from extract.run import run as extract
+    from helpers import ROOT
+
+    tmp, heldout = learned_runs
+    summary = extract(engine_extract_config(ROOT, tmp_path / "cache", heldout, 8, "generation.capture=engine"))
+    want, got = CacheReader(str(tmp / "heldout")), CacheReader(str(tmp_path / "cache"))
+    assert len(got) == len(want) == 16 and summary["skipped"] == {}
+    for name, tensor in want.head_tensors().items():
+        assert torch.equal(got.head_tensors()[name], tensor), name
+    for i in range(len(want)):
+        x, y = want[i], got[i]
+        assert x.key == y.key and np.array_equal(x.input_ids, y.input_ids), f"sample {i} ({x.key}): other ids"
+        assert np.array_equal(x.loss_mask, y.loss_mask) and np.array_equal(x.position_ids, y.position_ids)
+        a, b = x.hidden_TLH.float(), y.hidden_TLH.float()
+        error = ((a - b).norm(dim=-1) / a.norm(dim=-1)).max()
+        assert error < 1e-2, f"sample {i} ({x.key}): relative error {error:.2e}"
+
+
 def test_a_target_the_engine_cannot_run_is_one_error_and_nothing_is_written(tmp_path):
     """vLLM 0.32's CPU build runs Gated DeltaNet layers in bf16 only: extracting the learned Qwen3.5 in fp32 through
     it fails in the engine on every prompt. That is one error in the engine's words, not a skip per conversation,
