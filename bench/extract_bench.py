@@ -94,8 +94,8 @@ def regeneration(target: Target, convs, batch_size: int, max_new_tokens: int, de
     runs = {"input order": (in_order, None), "length-sorted windows of 8 batches": (in_windows, None),
             "length-sorted windows, static KV cache": (in_windows, "static")}
     answers = {}
-    print(f"| order | batches | decoding steps | generated tokens | seconds | generated tok/s | ms per step | "
-          f"vs weight-bandwidth limit |\n|---|---|---|---|---|---|---|---|")
+    print("| order | batches | decoding steps | generated tokens | seconds | generated tok/s | ms per step | "
+          "vs weight-bandwidth limit |\n|---|---|---|---|---|---|---|---|")
     for name, (batches, cache) in runs.items():
         target.model.generation_config.cache_implementation = cache
         build_sequences(unbounded(target, 4), convs[:2], no_skip)  # warm-up

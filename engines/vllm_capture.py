@@ -26,11 +26,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from vllm_generate import engine_prompt
-from vllm_worker import EngineFailed, message, refused
+from vllm_worker import EngineFailed, message, refused, serve
 
 
 def check_layer_ids(config: dict, prompts: list[dict]) -> None:
@@ -121,30 +120,14 @@ def answer(llm, request: dict) -> list[dict]:
 
 
 def main(config_path: str) -> None:
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the engine's own prints and logs go to stderr
     config = json.loads(open(config_path).read())
-    import vllm
-    from vllm.platforms import current_platform
+
+    def respond(llm, request: dict) -> list[dict]:
+        check_layer_ids(config, request["prompts"])
+        return answer(llm, request)
 
     with tempfile.TemporaryDirectory(prefix="vllm-capture-") as tmp:
-        llm = make_llm(config, Path(tmp))
-        runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
-        ready = {"version": vllm.__version__, "device": current_platform.device_type, "runner": runner}
-        protocol.write(json.dumps({"ready": ready}) + "\n")
-        protocol.flush()
-        for line in sys.stdin:
-            request = json.loads(line)
-            started = time.perf_counter()
-            try:
-                check_layer_ids(config, request["prompts"])
-                reply = {"outputs": answer(llm, request), "seconds": time.perf_counter() - started}
-            except (EngineFailed, ValueError) as e:
-                reply = {"fatal": str(e)}
-            protocol.write(json.dumps(reply) + "\n")
-            protocol.flush()
-            if "fatal" in reply:
-                raise SystemExit(1)
+        serve(lambda: make_llm(config, Path(tmp)), respond)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file

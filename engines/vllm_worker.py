@@ -61,15 +61,16 @@ def answer(llm, params, prompts: list[dict]) -> list[dict]:
         return [out for p in prompts for out in alone(p)]
 
 
-def main(config_path: str) -> None:
+def serve(start, respond) -> None:
+    """The worker's protocol: the engine `start()` makes announced ready on stdout, then each request line on stdin
+    answered with `respond(llm, request)`'s outputs. A failure of the engine (EngineFailed), or a ValueError of a
+    request as a whole, is written as fatal and ends the worker. Every other line the engine prints goes to stderr."""
     protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the engine's own prints and logs go to stderr
+    os.dup2(2, 1)
     import vllm
     from vllm.platforms import current_platform
 
-    config = json.loads(open(config_path).read())
-    llm = make_llm(config, config.get("images_per_prompt", 0), None)
-    params = sampling_params(config, speculative=False)
+    llm = start()
     runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
     ready = {"version": vllm.__version__, "device": current_platform.device_type, "runner": runner}
     protocol.write(json.dumps({"ready": ready}) + "\n")
@@ -78,13 +79,24 @@ def main(config_path: str) -> None:
         request = json.loads(line)
         started = time.perf_counter()
         try:
-            reply = {"outputs": answer(llm, params, request["prompts"]), "seconds": time.perf_counter() - started}
-        except EngineFailed as e:
+            reply = {"outputs": respond(llm, request), "seconds": time.perf_counter() - started}
+        except (EngineFailed, ValueError) as e:
             reply = {"fatal": str(e)}
         protocol.write(json.dumps(reply) + "\n")
         protocol.flush()
         if "fatal" in reply:
             raise SystemExit(1)
+
+
+def main(config_path: str) -> None:
+    config = json.loads(open(config_path).read())
+    params = {}
+
+    def start():
+        params["sampling"] = sampling_params(config, speculative=False)
+        return make_llm(config, config.get("images_per_prompt", 0), None)
+
+    serve(start, lambda llm, request: answer(llm, params["sampling"], request["prompts"]))
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file

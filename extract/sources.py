@@ -4,7 +4,6 @@ import hashlib
 import logging
 import os
 import tarfile
-from collections import Counter
 from collections.abc import Iterator
 
 import fsspec

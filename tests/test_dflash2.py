@@ -9,10 +9,10 @@ import torch
 from helpers import seeded
 from test_train_objective import BLOCK, MASK, V, drafter, make_batch, tiny_cfg
 from train.attention import build_mask
-from train.config import ObjectiveConfig, TrainConfig, validate_architecture
+from train.config import ObjectiveConfig, validate_architecture
 from train.dflash2 import GroupedDynamicConv
 from train.model import Drafter
-from train.objective import Objective, dpace_weights, make_blocks, sample_anchors, sample_prefix
+from train.objective import Objective, dpace_weights
 from train.replay import GreedyDrafter
 
 H = 32

@@ -194,7 +194,8 @@ def test_accelerate_ddp_two_processes_see_disjoint_batches_and_end_with_identica
 
     run = tmp_path / "run"
     cmd = [*accelerate_launch(), str(ROOT / "tests" / "ddp_probe.py"), str(tmp_path), "setup=tiny",
-           f"data.cache={cache}", f"run_dir={run}", "optim.max_steps=3", "eval_every=2", "save_every=2", "progress=false", "objective.num_anchors=16",
+           f"data.cache={cache}", f"run_dir={run}", "optim.max_steps=3", "eval_every=2", "save_every=2",
+           "progress=false", "objective.num_anchors=16",
            "data.max_tokens_per_batch=512", *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

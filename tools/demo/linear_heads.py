@@ -77,7 +77,8 @@ def widen(src: Path, out: Path, head_dim: int = HEAD_DIM) -> Path:
     # The gated norm's mean square shrinks by (new/old)^2 (the padded values' zeros, the query scale): its epsilon
     # with it. The config holds one epsilon for every norm; the others' mean squares are far above either.
     shrink = head_dim ** 2 / (text["linear_key_head_dim"] * text["linear_value_head_dim"])
-    text.update(linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, rms_norm_eps=text["rms_norm_eps"] / shrink)
+    text.update(linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                rms_norm_eps=text["rms_norm_eps"] / shrink)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 

@@ -119,7 +119,7 @@ def main() -> None:
     print(f"demo in {work} (every stage's log under {work / 'logs'}); learned target {target_dir}", flush=True)
     timings["learned target"] = time.perf_counter() - t0
     model, target_dtype = target_dir / "model", ()
-    if not full:  # the Qwen3.5 in shapes vLLM's CPU build serves, in the only dtype it runs (tools/demo/linear_heads.py)
+    if not full:  # the Qwen3.5 in shapes vLLM's CPU build serves, in its only dtype (tools/demo/linear_heads.py)
         model, target_dtype = linear_heads.servable(model, work / "target"), ("target.dtype=bfloat16",)
     accuracy = json.loads((target_dir / "accuracy.json").read_text())
     shards = work / "shards"
