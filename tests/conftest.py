@@ -67,6 +67,17 @@ def global_state_guard(request):
                     pytrace=False)
 
 
+# The modules that take longest (`pytest --durations`), first: `make test` hands whole modules to two processes in
+# collection order, and the longest ones last would leave one process working alone at the end.
+LONGEST_FIRST = ("test_vllm.py", "test_learned_chain.py", "test_vllm_qwen35.py", "test_faults.py",
+                 "test_vllm_capture.py", "test_train_loop.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))
+
+
 @pytest.fixture(scope="session")
 def tiny_targets(tmp_path_factory) -> Path:
     """All five tiny target families, built once per test session."""
