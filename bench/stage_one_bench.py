@@ -14,6 +14,7 @@ masks and positions, hidden states within the cache's bf16 rounding.
 """
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,19 @@ def compare(want: CacheReader, got: CacheReader) -> str:
             "per token")
 
 
+def replayed_tau(cache: Path, reference: Path, run_dir: Path, steps: int) -> float:
+    """tau of a drafter trained `steps` steps on `cache` (the tiny setup, seed 0), replayed on `reference`'s
+    samples, last turns."""
+    subprocess.run([sys.executable, "-m", "train", "setup=tiny", f"data.cache={cache}", f"run_dir={run_dir}",
+                    f"optim.max_steps={steps}", "optim.lr=3e-3", "eval_every=0", "save_every=0", "data.eval_shards=0",
+                    "progress=false", f"hydra.run.dir={run_dir}-logs"], cwd=ROOT, check=True, capture_output=True)
+    shards = ",".join(CacheReader(str(reference)).shards)
+    subprocess.run([sys.executable, "-m", "train.evaluate", str(run_dir), "--cache", str(reference), "--shards",
+                    shards, "--out", str(run_dir / "eval"), "--no-progress"], cwd=ROOT, check=True,
+                   capture_output=True)
+    return json.loads((run_dir / "eval" / "eval.json").read_text())["dflash"]["last_turn"]["tau"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=str(COMMITTED_TARGET / "model"))
@@ -88,6 +102,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--drafter-steps", type=int, default=0,
+                   help="also train a drafter this many steps on the in-process and the engine-only cache and replay "
+                        "both on the in-process one")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="stage-one-") as tmp:
         tmp = Path(tmp)
@@ -107,6 +124,12 @@ def main() -> None:
             same = "the reference" if way == "in-process" else compare(
                 want, CacheReader(str(tmp / way.replace(" ", "-").replace("+", "-"))))
             print(f"  {way:12} {r['seconds']:8.1f} {r['seconds'] / base:13.2f}x {r['peak_gb']:8.2f}  {same}")
+        if args.drafter_steps:
+            reference = tmp / "in-process"
+            taus = {way: replayed_tau(tmp / name, reference, tmp / f"run-{name}", args.drafter_steps)
+                    for way, name in (("in-process", "in-process"), ("engine only", "engine-only"))}
+            print(f"  drafters of {args.drafter_steps} steps, replayed on the in-process cache: "
+                  + ", ".join(f"trained on {way} tau {tau:.3f}" for way, tau in taus.items()))
 
 
 if __name__ == "__main__":
