@@ -179,8 +179,9 @@ def diagnose(report: dict) -> list[dict]:
         else:
             cause("unexplained",
                   f"the engine accepts {engine['accepted']} of {engine['drafts']} drafts, our replay as served "
-                  f"{as_served['accepted']} of {as_served['drafts']}; compare the export's "
-                  "target_layer_ids with the cache's, the target revision the engine loads, and the engine version")
+                  f"{as_served['accepted']} of {as_served['drafts']} (per request: prompts[].drafts in "
+                  "serve_check.json); compare the export's target_layer_ids with the cache's, the target revision "
+                  "the engine loads, and the engine version")
     return causes
 
 
@@ -272,6 +273,9 @@ def run(target_path: str, drafter: Path, shards: str | None = None, prompts: Pat
                "engine_speculative": result["runs"]["speculative"]["outputs"][i]}
         row["partings"] = {pair: parting(target, batch, row[a], row[b]) for pair, (a, b) in PAIRS.items()
                            if row[a] != row[b]}
+        # Per request, what the engine's counters (summed over requests) cannot show: our replay's cycles.
+        row["drafts"] = {name: {"drafts": len(d[-1].matched), "accepted": sum(d[-1].matched)}
+                         for name, d in decoded.items()}
         rows.append(row)
     figures = {name: our_figures(decoded[name], block, seconds[name]) for name in sides}
     report = {"target": target_path, "drafter": str(d.drafter), "export": str(export_dir) if drafter != checkpoint
