@@ -1,6 +1,7 @@
 """Serving engines, below the stages and the commands: `protocol.py` (what every adapter shares) and one module per
-engine (`vllm_client.py`, with the scripts vLLM's interpreter runs beside it). Stage one regenerates through them and
-the serve check serves through them; they import nothing of ours."""
+engine (`vllm_client.py`, with the scripts vLLM's interpreter runs beside it: `vllm_generate.py`, `vllm_worker.py`,
+`vllm_capture.py` and its connector). Stage one regenerates and captures through them and the serve check serves
+through them; they import nothing of ours."""
 
 from engines.protocol import EngineError, engine_prompt
 from engines.vllm_client import MEMORY_FRACTION, RUNNER_POSITIONS, RUNNER_SHARED_SLOTS, VllmWorker, run_vllm, vllm_python
