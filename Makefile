@@ -63,11 +63,12 @@ $(VLLM_VENV)/.installed:
 setup-vllm: $(VLLM_VENV)/.installed ## vLLM's CPU build in .venv-vllm, for the tests and checks that serve a drafter
 
 # Test processes side by side (pytest-xdist), each module's tests in one of them, so that a module's shared fixtures
-# (caches, trained drafters) are built once, and one intra-op thread each (as the commands they start): the tests'
-# matrices are tiny, and two threads per process slow to a crawl once another process holds a core. TEST_JOBS=0 runs
-# them in this process with torch's default threads.
+# (caches, trained drafters) are built once, in the order tests/conftest.py gives (the longest modules first; xdist
+# would otherwise put the modules of most tests first, and the few long engine tests last), and one intra-op thread
+# each (as the commands they start): the tests' matrices are tiny, and two threads per process slow to a crawl once
+# another process holds a core. TEST_JOBS=0 runs them in this process with torch's default threads.
 TEST_JOBS ?= 2
-PYTEST = $(if $(filter 0,$(TEST_JOBS)),$(PY) -m pytest -q,OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadscope)
+PYTEST = $(if $(filter 0,$(TEST_JOBS)),$(PY) -m pytest -q,OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder)
 
 test: setup setup-vllm ## run the fast test suite (CPU)
 	$(PYTEST) $(PYTEST_ARGS)
