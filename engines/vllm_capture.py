@@ -22,6 +22,7 @@ of 16 "RuntimeError: chunk_gated_delta_rule_cpu: expect head_dim to be multiples
 Unexpected head dim size, 32".
 """
 
+import functools
 import json
 import os
 import sys
@@ -32,14 +33,20 @@ from vllm_generate import engine_prompt
 from vllm_worker import EngineFailed, message, refused, serve
 
 
+@functools.cache
+def deepstack_layers(model: str) -> int:
+    """How many first decoder layers of `model` (a Qwen3-VL's) add visual features to their image tokens."""
+    from transformers import AutoConfig
+
+    vision = getattr(AutoConfig.from_pretrained(model), "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
+
+
 def check_layer_ids(config: dict, prompts: list[dict]) -> None:
     """Refuses image prompts at ids in a Qwen3-VL target's deepstack layers: vLLM captures those layers' outputs with
     the visual features added to their image tokens, transformers' hooks (our cache) before they are added (measured
     on the learned target: relative error about 0.9 at image tokens, 5e-7 elsewhere)."""
-    from transformers import AutoConfig
-
-    vision = getattr(AutoConfig.from_pretrained(config["model"]), "vision_config", None)
-    deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or [])
+    deepstack = deepstack_layers(config["model"])
     early = [i for i in config["layer_ids"] if i < deepstack]
     if early and any(p.get("images") for p in prompts):
         raise ValueError(f"layer ids {early} lie in the deepstack layers 0..{deepstack - 1}, which vLLM captures with "

@@ -1,7 +1,8 @@
 """vLLM (named vllm_client so that the engine-side scripts beside it, run with this folder first on their path,
-import vLLM itself), run by its own interpreter (`make setup-vllm`'s `.venv-vllm`, or $DFLASH_VLLM_PYTHON): `run_vllm` (one
-request file, one result) and `VllmWorker` (a long-lived engine answering batches over its pipes) are our side;
-`vllm_generate.py` and `vllm_worker.py`, beside this file, the engine's."""
+import vLLM itself), run by its own interpreter (`make setup-vllm`'s `.venv-vllm`, or $DFLASH_VLLM_PYTHON):
+`run_vllm` (one request file, one result), `VllmWorker` (a long-lived engine answering batches over its pipes) and
+`run_capture` are our side; `vllm_generate.py`, `vllm_worker.py` and `vllm_capture.py`, beside this file, the
+engine's."""
 
 import json
 import os

@@ -90,13 +90,8 @@ def serve(start, respond) -> None:
 
 def main(config_path: str) -> None:
     config = json.loads(open(config_path).read())
-    params = {}
-
-    def start():
-        params["sampling"] = sampling_params(config, speculative=False)
-        return make_llm(config, config.get("images_per_prompt", 0), None)
-
-    serve(start, lambda llm, request: answer(llm, params["sampling"], request["prompts"]))
+    serve(lambda: make_llm(config, config.get("images_per_prompt", 0), None),
+          lambda llm, request: answer(llm, sampling_params(config, speculative=False), request["prompts"]))
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which re-imports this file

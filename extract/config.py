@@ -50,8 +50,8 @@ class GenerationConfig(GenerationSettings):
     engine: str = "transformers"
     engine_python: str | None = None  # vLLM's interpreter; None: $DFLASH_VLLM_PYTHON or .venv-vllm
     engine_window: int = 256  # conversations the engine gets at once (each window is saved when answered)
-    # Of each GPU for the engine; on the CPU build, of the machine's memory for its KV cache. None: engines/vllm_client.py's
-    # MEMORY_FRACTION.
+    # Of each GPU for the engine; on the CPU build, of the machine's memory for its KV cache. None:
+    # engines/vllm_client.py's MEMORY_FRACTION.
     engine_memory_fraction: float | None = None
     engine_tensor_parallel: int = 1  # GPUs of one rank's engine
     engine_max_images: int = 8  # images one prompt may hold

@@ -19,7 +19,6 @@ from engines import VllmWorker, engine_prompt
 from extract.capture import engine_sample
 from extract.engine import engine_config, engine_devices
 from extract.formats import SkipSample, guarded
-from extract.prompts import images_in
 from extract.regenerate import Sequence
 from extract.target import Target
 
@@ -49,7 +48,6 @@ class EngineCapture:
         self.image_id = target.special_tokens.get("image_token_id")
         self.worker = VllmWorker(config, cfg.generation.engine_python, engine_devices(cfg, local_rank, cuda),
                                  script="vllm_capture.py")
-        self.seconds = 0.0
         log.info("vLLM %s on %s (%s runner) captures the hidden states", self.worker.info["version"],
                  self.worker.info["device"], self.worker.info["runner"])
 
@@ -57,10 +55,9 @@ class EngineCapture:
         if not seqs:
             return []
         with tempfile.TemporaryDirectory(prefix="engine-capture-") as tmp:
-            prompts = [engine_prompt(s.inputs["input_ids"][0].tolist(), images_in(s.conv.messages, s.conv)[:s.images],
-                                     self.image_id, Path(tmp) / str(j)) for j, s in enumerate(seqs)]
+            prompts = [engine_prompt(s.inputs["input_ids"][0].tolist(), s.conv.images[:s.images], self.image_id,
+                                     Path(tmp) / str(j)) for j, s in enumerate(seqs)]
             reply = self.worker.capture(prompts, Path(tmp) / "states")
-            self.seconds += reply["seconds"]
             out = []
             for seq, o in zip(seqs, reply["outputs"]):
                 if "error" in o:

@@ -107,9 +107,9 @@ def parting(target, batch: dict, a: list[int], b: list[int]) -> dict | None:
     """Where two answers to one prompt part, None if they do not: the answer token, transformers' logit gap between
     their two tokens after the common prefix, and whether that gap is a tie at the target's dtype (the capture's
     rule, extract/capture.py): another kernel may resolve a tie either way, so such a parting is not a loss."""
-    j = first_difference(a, b)
     if a == b:
         return None
+    j = first_difference(a, b)
     if j == min(len(a), len(b)):  # one answer stops where the other goes on: not a choice between two tokens
         return {"at": j, "gap": None, "tie": False}
     inputs = {k: v.to(target.device) if torch.is_tensor(v) else v for k, v in extended(batch, a[:j]).items()}
