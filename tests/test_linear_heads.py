@@ -63,6 +63,8 @@ def test_refusals_and_reuse(widened, tmp_path):
         widen(SOURCE, tmp_path / "narrow", head_dim=8)
     with pytest.raises(ValueError, match="no linear-attention heads"):
         widen(COMMITTED["qwen3_vl"][0] / "model", tmp_path / "vl")
+    with pytest.raises(ValueError, match="not a one-file checkpoint directory"):
+        widen(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(FileExistsError):
         widen(SOURCE, widened)
     first = servable(SOURCE, tmp_path)

@@ -63,6 +63,8 @@ def widen_tensors(tensors: dict, text: dict, head_dim: int) -> dict:
 def widen(src: Path, out: Path, head_dim: int = HEAD_DIM) -> Path:
     """Write `src` (a Qwen3.5 checkpoint directory) with linear-attention heads of `head_dim` to `out`."""
     src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file() or not (src / WEIGHTS).is_file():
+        raise ValueError(f"{src}: not a one-file checkpoint directory (config.json and {WEIGHTS})")
     config = json.loads((src / "config.json").read_text())
     text = config["text_config"]
     if config.get("model_type") not in ("qwen3_5", "qwen3_5_moe"):
